@@ -1,0 +1,62 @@
+"""Score kernels against direct numpy evaluations of their formulas."""
+import numpy as np
+import pytest
+import torch
+
+from vlmood import scores
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.fixture
+def sims():
+    return np.random.default_rng(0).uniform(-0.2, 0.4, size=(50, 7))
+
+
+@pytest.mark.parametrize("T", [1.0, 0.5, 0.01])
+def test_mcm_is_max_softmax(sims, T):
+    expected = softmax(sims / T).max(axis=1)
+    np.testing.assert_allclose(scores.mcm(sims, T), expected, rtol=1e-12)
+    np.testing.assert_allclose(scores.mcm(torch.tensor(sims), T), expected, rtol=1e-12)
+
+
+def test_mcm_hand_computed():
+    # two classes with sims (0, ln 3): softmax = (1/4, 3/4)
+    assert scores.mcm(np.array([[0.0, np.log(3.0)]]))[0] == pytest.approx(0.75)
+    # extreme logits do not overflow
+    assert scores.mcm(np.array([[1000.0, 0.0]]), 0.001)[0] == pytest.approx(1.0)
+
+
+def test_max_logit(sims):
+    np.testing.assert_allclose(scores.max_logit(sims, 50.0), 50.0 * sims.max(axis=1))
+
+
+@pytest.mark.parametrize("scale,T", [(100.0, 1.0), (14.3, 2.0)])
+def test_energy(sims, scale, T):
+    z = scale * sims / T
+    expected = T * np.log(np.exp(z).sum(axis=1))
+    np.testing.assert_allclose(scores.energy(sims, scale, T), expected, rtol=1e-10)
+
+
+def test_glmcm(sims):
+    rng = np.random.default_rng(1)
+    local = rng.uniform(-0.2, 0.4, size=(50, 9, 7))
+    T, lam = 0.1, 0.7
+    loc_expected = np.array([max(softmax(local[n, p] / T).max() for p in range(9)) for n in range(50)])
+    expected = softmax(sims / T).max(axis=1) + lam * loc_expected
+    np.testing.assert_allclose(scores.glmcm(sims, local, T, lam), expected, rtol=1e-12)
+    np.testing.assert_allclose(scores.local_mcm(local, T), loc_expected, rtol=1e-12)
+
+
+def test_kernel_input_errors(sims):
+    with pytest.raises(ValueError, match="temperature"):
+        scores.mcm(sims, 0.0)
+    with pytest.raises(ValueError, match="2 dimensions"):
+        scores.mcm(sims[0])
+    with pytest.raises(ValueError, match="3 dimensions"):
+        scores.glmcm(sims, sims)
+    with pytest.raises(ValueError, match="rows"):
+        scores.glmcm(sims, np.zeros((3, 2, 7)))

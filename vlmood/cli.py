@@ -1,0 +1,170 @@
+"""Command-line interface: ``vlmood score``, ``vlmood embed-texts``."""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ImageLoadError, VlmoodError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line naming the problem on stderr, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="SPEC",
+                   help="open_clip:ARCH/PRETRAINED, open_clip:ARCH@CKPT, open_clip:ARCH/none, or hf:MODEL_ID_OR_DIR")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="autocast precision (default: bf16/fp16 on CUDA, fp32 on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .detectors import DETECTORS
+
+    parser = _Parser(prog="vlmood", description="Out-of-distribution detection with vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    s = sub.add_parser("score", help="score images: predicted class, ID score (higher = more in-distribution), is_ood",
+                       description="Score images; writes one CSV row per image: path, class, score, is_ood, error.")
+    _add_model_args(s)
+    s.add_argument("--classes", required=True, metavar="FILE_OR_LIST",
+                   help="ID class names: a file (one per line), a bundled list (imagenet1k, cifar10, cifar100) or 'cat,dog'")
+    s.add_argument("--images", required=True, metavar="DIR|GLOB|CSV", help="folder (recursive), glob, or CSV manifest")
+    s.add_argument("--method", default="mcm", choices=sorted(DETECTORS), help="scoring rule (default: mcm)")
+    s.add_argument("--templates", default=None, metavar="NAME_OR_FILE",
+                   help="prompt templates: simple (default), imagenet7, imagenet80, or a file with one per line")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="scores below this are flagged is_ood=1 (omit: no is_ood column values)")
+    s.add_argument("--out", required=True, metavar="CSV", help="output CSV path")
+    s.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="unreadable images: stop (raise, default) or list them in the output and go on (skip)")
+    s.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+
+    e = sub.add_parser("embed-texts", help="fill the text-embedding cache ahead of time",
+                       description="Embed prompts into the disk cache ($VLMOOD_CACHE or the platform cache dir).")
+    _add_model_args(e)
+    e.add_argument("--prompts", metavar="FILE", help="file with one prompt per line")
+    e.add_argument("--classes", metavar="FILE_OR_LIST", help="class names to expand with --templates")
+    e.add_argument("--templates", default=None, metavar="NAME_OR_FILE", help="templates for --classes (default: simple)")
+    e.add_argument("--batch-size", type=int, default=256, help="prompts per forward pass (default 256)")
+    return parser
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .data import iter_decoded, list_images
+    from .detectors import make_detector
+    from .encoders import load_encoder
+
+    if args.batch_size < 1:
+        raise _UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    items = list_images(args.images)
+    encoder = load_encoder(args.model, device=args.device, precision=args.precision)
+    det = make_detector(args.method, encoder, args.classes, templates=args.templates).fit()
+
+    errors: dict[int, str] = {}
+    feats, locs, kept = [], [], []
+    batch, batch_idx = [], []
+
+    def flush() -> None:
+        if not batch:
+            return
+        out = encoder.encode_images(torch.stack(batch), local=det.needs_local)
+        g, loc = out if det.needs_local else (out, None)
+        feats.append(g)
+        if loc is not None:
+            locs.append(loc)
+        kept.extend(batch_idx)
+        batch.clear()
+        batch_idx.clear()
+
+    for i, (item, image, err) in enumerate(iter_decoded(items, on_error=args.on_error)):
+        if err is not None:
+            errors[i] = err
+            print(f"vlmood: skipped: {err}", file=sys.stderr)
+            continue
+        batch.append(encoder.preprocess(image))
+        batch_idx.append(i)
+        if len(batch) >= args.batch_size:
+            flush()
+    flush()
+
+    scores = np.full(len(items), np.nan)
+    labels = np.full(len(items), -1)
+    if kept:
+        g = torch.cat(feats)
+        loc = torch.cat(locs) if locs else None
+        scores[kept] = det.score_features(g, loc)
+        labels[kept] = det.classify_features(g)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "class", "score", "is_ood", "error"])
+        for i, item in enumerate(items):
+            if i in errors:
+                w.writerow([item.path, "", "", "", errors[i]])
+                continue
+            is_ood = "" if args.threshold is None else int(scores[i] < args.threshold)
+            w.writerow([item.path, det.classes[labels[i]], f"{scores[i]:.8g}", is_ood, ""])
+    os.replace(tmp, out)
+    n_ood = "" if args.threshold is None else f", {int(np.sum(scores[kept] < args.threshold))} flagged OOD"
+    print(f"scored {len(kept)} image(s) with {args.method}{n_ood}; skipped {len(errors)}; wrote {out}")
+    return 0
+
+
+def _cmd_embed_texts(args: argparse.Namespace) -> int:
+    from .encoders import load_encoder
+    from .text import class_prompts, embed_texts, load_classes, load_templates
+    from .text.embed import default_cache
+
+    if not args.prompts and not args.classes:
+        raise _UsageError("give --prompts FILE and/or --classes FILE_OR_LIST")
+    prompts: list[str] = []
+    if args.prompts:
+        p = Path(args.prompts)
+        if not p.is_file():
+            raise _UsageError(f"prompts file not found: {p}")
+        prompts += [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if args.classes:
+        prompts += class_prompts(load_classes(args.classes), load_templates(args.templates))
+    if not prompts:
+        raise _UsageError(f"no prompts in {args.prompts}")
+    encoder = load_encoder(args.model, device=args.device, precision=args.precision)
+    embed_texts(encoder, prompts, batch_size=args.batch_size, cache=True, progress=True)
+    print(f"cached {len(set(prompts))} prompt embedding(s) for {encoder.spec} in {default_cache().root}")
+    return 0
+
+
+class _UsageError(Exception):
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"score": _cmd_score, "embed-texts": _cmd_embed_texts}
+    try:
+        return commands[args.command](args)
+    except ImageLoadError as e:
+        print(f"vlmood {args.command}: error: {e} (use --on-error skip to go on)", file=sys.stderr)
+        return 1
+    except (_UsageError, VlmoodError) as e:
+        print(f"vlmood {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

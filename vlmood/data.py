@@ -1,0 +1,164 @@
+"""Image decoding and image sources (folders, globs, CSV manifests)."""
+from __future__ import annotations
+
+import csv
+import glob as _glob
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageLoadError, InvalidInputError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+MAX_PIXELS = 89_478_485
+"""Images with more pixels are refused (Pillow's decompression-bomb limit, about 9459x9459)."""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB: high bit depths are rescaled, transparency composited on white."""
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        # 16-bit data (PNG/TIFF) spans 0..65535; Pillow opens it as I;16 or I (32-bit)
+        arr = arr / 257.0 if (mode.startswith("I;16") or arr.max(initial=0) > 255) else arr
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode != "RGB":
+        return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+    return im
+
+
+def load_image(source: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an image as 8-bit RGB with EXIF orientation applied.
+
+    ``source``: a path or a PIL image. Grayscale, palette, RGBA (composited on white), CMYK and 16-bit
+    images are converted correctly. Raises :class:`ImageLoadError` naming the file when it is missing,
+    empty, not an image, truncated, or larger than ``max_pixels`` (decompression-bomb guard).
+    """
+    if isinstance(source, Image.Image):
+        _check_size(source.size, "in-memory image", max_pixels)
+        return _to_rgb(ImageOps.exif_transpose(source))
+    path = Path(os.fspath(source))
+    if not path.is_file():
+        raise ImageLoadError(f"image file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"image file is empty (0 bytes): {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        _check_size(im.size, str(path), max_pixels)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return _to_rgb(im)
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"image {path} refused: {e}") from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(f"not an image (or an unsupported format): {path}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError(f"cannot decode image {path}: {e}") from e
+
+
+def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
+    w, h = size
+    if w * h > max_pixels:
+        raise ImageLoadError(
+            f"image {name} refused: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+            "(possible decompression bomb; raise max_pixels if the image is genuine)"
+        )
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One entry of an image source: a path (or in-memory image) and an optional label string."""
+
+    path: str
+    label: str | None = None
+
+
+def list_images(spec: str | os.PathLike | Sequence[str]) -> list[ImageItem]:
+    """Resolve an image source to items, sorted for folders and globs.
+
+    ``spec``: a folder (searched recursively for image files), a glob pattern (``"imgs/**/*.jpg"``),
+    a CSV/TSV manifest with a ``path`` column and optional ``label`` column (relative paths are taken
+    from the manifest's folder; a header-less file is read as ``path[,label]``), or a list of paths.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        return [ImageItem(str(p)) for p in spec]
+    s = os.fspath(spec)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        items = [ImageItem(str(f)) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+        if not items:
+            raise InvalidInputError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under folder {p}")
+        return items
+    if p.is_file() and p.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return _read_manifest(p)
+    if any(c in s for c in "*?["):
+        matches = sorted(m for m in _glob.glob(os.path.expanduser(s), recursive=True) if Path(m).is_file())
+        if not matches:
+            raise InvalidInputError(f"glob pattern {s!r} matches no files")
+        return [ImageItem(m) for m in matches]
+    if p.is_file():
+        return [ImageItem(str(p))]
+    raise InvalidInputError(f"image source not found: {s!r} is not a folder, a glob, a manifest or a file")
+
+
+def _read_manifest(path: Path) -> list[ImageItem]:
+    delim = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f, delimiter=delim) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise InvalidInputError(f"manifest {path} is empty")
+    header = [c.strip().lower() for c in rows[0]]
+    if "path" in header:
+        pi, li = header.index("path"), (header.index("label") if "label" in header else None)
+        rows = rows[1:]
+    else:
+        pi, li = 0, (1 if len(rows[0]) > 1 else None)
+    items, missing = [], []
+    for r in rows:
+        full = Path(r[pi].strip()).expanduser()
+        full = full if full.is_absolute() else path.parent / full
+        if not full.exists():
+            missing.append(str(full))
+        label = r[li].strip() if li is not None and li < len(r) and r[li].strip() else None
+        items.append(ImageItem(str(full), label))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InvalidInputError(f"manifest {path} lists {len(missing)} missing file(s): {', '.join(missing[:5])}{more}")
+    if not items:
+        raise InvalidInputError(f"manifest {path} lists no images")
+    return items
+
+
+def iter_decoded(items: Sequence[ImageItem], on_error: str = "raise") -> Iterator[tuple[ImageItem, Image.Image | None, str | None]]:
+    """Decode items in order, yielding ``(item, image, None)`` or, with ``on_error="skip"``, ``(item, None, error)``."""
+    if on_error not in ("raise", "skip"):
+        raise InvalidInputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    for it in items:
+        try:
+            yield it, load_image(it.path), None
+        except ImageLoadError as e:
+            if on_error == "raise":
+                raise
+            yield it, None, str(e)

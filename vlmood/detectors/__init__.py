@@ -1,0 +1,23 @@
+"""Detectors: one small class per method; every ``score`` is higher for more in-distribution inputs."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..encoders.base import Encoder
+from ..errors import InvalidInputError
+from .base import Detector, Prediction
+from .glmcm import GLMCM
+from .mcm import MCM, Energy, MaxLogit
+
+DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (MCM, GLMCM, Energy, MaxLogit)}
+
+
+def make_detector(name: str, encoder: Encoder, classes: str | Sequence[str], **kwargs: Any) -> Detector:
+    """A detector by method name (``mcm``, ``glmcm``, ``energy``, ``maxlogit``)."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in DETECTORS:
+        raise InvalidInputError(f"unknown method {name!r}; choose from {', '.join(DETECTORS)}")
+    return DETECTORS[key](encoder, classes, **kwargs)
+
+
+__all__ = ["DETECTORS", "Detector", "Energy", "GLMCM", "MCM", "MaxLogit", "Prediction", "make_detector"]

@@ -1,0 +1,29 @@
+"""Encoders: one :class:`Encoder` interface over open_clip and Hugging Face transformers models."""
+from __future__ import annotations
+
+import torch
+
+from .base import Encoder, EncoderSpec, parse_spec, resolve_device, resolve_precision
+
+
+def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = None, precision: str | None = None) -> Encoder:
+    """Load a CLIP-style encoder from a spec string.
+
+    Args:
+        spec: ``open_clip:ARCH/PRETRAINED`` (e.g. ``open_clip:ViT-B-16/openai``), ``open_clip:ARCH/none``
+            (random init), ``open_clip:ARCH@/path/to/checkpoint``, ``open_clip:hf-hub:ORG/REPO``, or
+            ``hf:MODEL_ID_OR_DIR`` (transformers ``CLIPModel``/``SiglipModel``).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available, else CPU.
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` autocast; default reduced precision on CUDA, fp32 on CPU.
+    """
+    parsed = spec if isinstance(spec, EncoderSpec) else parse_spec(spec)
+    if parsed.backend == "open_clip":
+        from .open_clip_backend import load_open_clip
+
+        return load_open_clip(parsed, device=device, precision=precision)
+    from .hf_backend import load_hf
+
+    return load_hf(parsed, device=device, precision=precision)
+
+
+__all__ = ["Encoder", "EncoderSpec", "load_encoder", "parse_spec", "resolve_device", "resolve_precision"]

@@ -1,0 +1,333 @@
+"""open_clip backend: ``open_clip:ARCH/PRETRAINED``, ``open_clip:ARCH@CKPT``, ``open_clip:hf-hub:ORG/REPO``."""
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointMismatchError, EncoderLoadError
+from .base import Encoder, EncoderSpec, resolve_device, resolve_precision
+
+_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_registered = False
+
+
+def _open_clip():
+    global _registered
+    import open_clip
+
+    if not _registered:
+        open_clip.add_model_config(_CONFIG_DIR)  # vlmood's own small architectures (vlmood-tiny-vit, ...)
+        _registered = True
+    return open_clip
+
+
+def _hub_cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except Exception:  # pragma: no cover - very old huggingface_hub
+        return os.path.expanduser("~/.cache/huggingface/hub")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file (safetensors or torch), unwrapping ``state_dict``/``model`` and ``module.``."""
+    if not path.is_file():
+        raise EncoderLoadError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EncoderLoadError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise EncoderLoadError(f"checkpoint {path} does not hold a state dict of tensors")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def load_matching_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """Load ``sd`` into ``model``; any missing, unexpected or mis-shaped tensor raises an error naming them."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [
+        f"{k} (checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)})"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+
+        def few(xs: list[str]) -> str:
+            return ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {few(shapes)}")
+        raise CheckpointMismatchError(
+            f"checkpoint {source} does not match architecture {arch!r}; " + "; ".join(parts)
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+class OpenCLIPEncoder(Encoder):
+    """An open_clip model behind the :class:`Encoder` interface."""
+
+    def __init__(self, model, preprocess, tokenizer, spec: EncoderSpec, device, precision: str):
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.device = device
+        self.precision = precision
+        self._trim_verified = False
+        self._tower = self._text_tower()
+
+    # ------------------------------------------------------------ properties
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
+
+    @property
+    def embed_dim(self) -> int:
+        visual = self.model.visual
+        out = getattr(visual, "output_dim", None)
+        if out:
+            return int(out)
+        return int(self.encode_texts(["a"]).shape[-1])  # pragma: no cover - exotic towers
+
+    @property
+    def supports_local(self) -> bool:
+        from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+        v = self.model.visual
+        return (
+            isinstance(v, VisionTransformer)
+            and hasattr(v, "_embeds")
+            and v.attn_pool is None
+            and getattr(v, "pool_type", "tok") == "tok"
+            and not getattr(v, "final_ln_after_pool", False)
+            and isinstance(v.transformer.resblocks[-1], ResidualAttentionBlock)
+            and isinstance(v.transformer.resblocks[-1].attn, torch.nn.MultiheadAttention)
+        )
+
+    @property
+    def exact_text_trimming(self) -> bool:
+        return self._tower is not None
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", None) or getattr(self.model, "context_length", 77))
+
+    def _text_tower(self) -> dict[str, Any] | None:
+        """The pieces needed to run the text tower over a trimmed length, or None when trimming is not exact."""
+        m = self.model
+        tower = m.text if hasattr(m, "text") else m
+        needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
+        if not all(hasattr(tower, n) for n in needed):
+            return None  # e.g. Hugging Face text towers
+        pool = getattr(tower, "pool_type", None) or getattr(tower, "text_pool_type", None)
+        eos = getattr(tower, "eos_id", None) if hasattr(tower, "pool_type") else getattr(tower, "text_eos_id", None)
+        if (
+            tower.attn_mask is None  # bidirectional: every position sees padding
+            or pool not in ("argmax", "eos")
+            or getattr(tower, "cls_emb", None) is not None
+            or getattr(tower, "use_pad_mask", False)
+        ):
+            return None
+        return {"tower": tower, "pool": pool, "eos": eos}
+
+    # ------------------------------------------------------------ images
+    def _encode_image_batch(self, batch: torch.Tensor, local: bool):
+        if not local:
+            return self.model.encode_image(batch)
+        return self._global_and_local(batch)
+
+    def _global_and_local(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global features and GL-MCM local features of a ViT tower.
+
+        In the last block the value path skips query-key attention (as in the GL-MCM reference):
+        ``v = x + out_proj(v_proj(ln_1(x))); v = v + mlp(ln_2(v))``, then ``ln_post`` and the projection
+        for every patch token. The global feature is the ordinary forward.
+        """
+        visual = self.model.visual
+        tr = visual.transformer
+        x = visual._embeds(batch)
+        if not tr.batch_first:
+            x = x.transpose(0, 1)
+        for blk in tr.resblocks[:-1]:
+            x = blk(x)
+        last = tr.resblocks[-1]
+        width = last.attn.embed_dim
+        w, b = last.attn.in_proj_weight, last.attn.in_proj_bias
+        v = F.linear(last.ln_1(x), w[2 * width :], None if b is None else b[2 * width :])
+        v = x + last.ls_1(last.attn.out_proj(v))
+        v = v + last.ls_2(last.mlp(last.ln_2(v)))
+        x = last(x)
+        if not tr.batch_first:
+            x, v = x.transpose(0, 1), v.transpose(0, 1)
+        pooled, _ = visual._pool(x)
+        patches = visual.ln_post(v[:, 1:])
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+            patches = patches @ visual.proj
+        return pooled, patches
+
+    # ------------------------------------------------------------ texts
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+        tokens = self.tokenizer(list(texts))
+        ctx = tokens.shape[1]
+        t = self._tower
+        if t is not None and t["pool"] == "eos":
+            lengths = ((tokens == t["eos"]).int().argmax(dim=-1) + 1).tolist()
+        elif t is not None:
+            lengths = (tokens.argmax(dim=-1) + 1).tolist()
+        else:
+            lengths = [ctx] * len(texts)
+        self._warn_truncated(texts, tokens)
+        return tokens, lengths
+
+    def _warn_truncated(self, texts: Sequence[str], tokens: torch.Tensor) -> None:
+        full = (tokens[:, -1] != 0).nonzero().flatten().tolist()  # only rows reaching the last position can be cut
+        if not full:
+            return
+        enc = getattr(self.tokenizer, "encode", None)
+        inner = getattr(self.tokenizer, "tokenizer", None)
+        ctx = tokens.shape[1]
+        cut = []
+        for i in full:
+            if enc is not None:
+                n = len(enc(texts[i])) + 2
+            elif inner is not None:
+                n = len(inner(texts[i])["input_ids"])
+            else:
+                n = ctx + 1
+            if n > ctx:
+                cut.append(texts[i])
+        if cut:
+            shown = "; ".join(repr(c if len(c) <= 80 else c[:77] + "...") for c in cut[:3])
+            more = f" and {len(cut) - 3} more" if len(cut) > 3 else ""
+            warnings.warn(
+                f"{len(cut)} prompt(s) longer than the text context of {ctx} tokens were truncated: {shown}{more}",
+                stacklevel=4,
+            )
+
+    def _encode_token_batch(self, tokens: torch.Tensor, length: int) -> torch.Tensor:
+        if self._tower is None or length >= tokens.shape[1]:
+            return self.model.encode_text(tokens)
+        out = self._encode_trimmed(tokens, length)
+        if not self._trim_verified:
+            self._verify_trimming(tokens[:4], out[:4])
+        return out
+
+    def _encode_trimmed(self, tokens: torch.Tensor, length: int) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        t = self._tower
+        tower = t["tower"]
+        tok = tokens[:, :length]
+        cast = tower.transformer.get_cast_dtype()
+        x = tower.token_embedding(tok).to(cast)
+        x = x + tower.positional_embedding[:length].to(cast)
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+        x = tower.ln_final(x)
+        x = text_global_pool(x, tok, t["pool"], eos_token_id=t["eos"])
+        proj = tower.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return x
+
+    def _verify_trimming(self, tokens: torch.Tensor, trimmed: torch.Tensor) -> None:
+        """Guard against model variants where trimming is not exact: compare once with the full forward."""
+        full = self.model.encode_text(tokens)
+        diff = (F.normalize(full.float(), dim=-1) - F.normalize(trimmed.float(), dim=-1)).abs().max().item()
+        tol = 1e-4 if self.precision == "fp32" else 2e-2
+        self._trim_verified = True
+        if diff > tol:
+            warnings.warn(
+                f"length-trimmed text encoding differs from the full forward by {diff:.2e} on {self.spec}; "
+                "falling back to full-context encoding",
+                stacklevel=5,
+            )
+            self._tower = None
+
+    def _arch_name(self) -> str:
+        return self.spec.name
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model's weights to ``path`` (safetensors); load back with ``open_clip:ARCH@path``."""
+        from safetensors.torch import save_file
+
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(sd, str(tmp), metadata={"vlmood_arch": self.spec.name})
+        os.replace(tmp, path)
+
+
+def _check_arch(open_clip, arch: str) -> None:
+    if arch.startswith(("hf-hub:", "local-dir:")):
+        return
+    models = open_clip.list_models()
+    if arch not in models:
+        close = difflib.get_close_matches(arch, models, n=5, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see open_clip.list_models()"
+        raise EncoderLoadError(f"unknown open_clip architecture {arch!r}{hint}")
+
+
+def load_open_clip(
+    spec: EncoderSpec, device: str | torch.device | None = None, precision: str | None = None, seed: int | None = None
+) -> OpenCLIPEncoder:
+    """Build an :class:`OpenCLIPEncoder` from a parsed spec (see :func:`vlmood.load_encoder`)."""
+    open_clip = _open_clip()
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    arch = spec.name
+    _check_arch(open_clip, arch)
+    tag = spec.pretrained
+    if tag is not None and not arch.startswith("hf-hub:"):
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if tag not in tags and not Path(tag).is_file():
+            raise EncoderLoadError(
+                f"no pretrained weights {tag!r} for {arch!r}; available tags: {', '.join(tags) or 'none'}"
+                f" (or use 'open_clip:{arch}@/path/to/checkpoint' for a local file)"
+            )
+    downloading = tag is not None or arch.startswith("hf-hub:")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=tag, precision="fp32", device="cpu", pretrained_text=downloading
+            )
+    except Exception as e:
+        if downloading:
+            raise EncoderLoadError(
+                f"could not obtain the weights of {spec}: {type(e).__name__}: {e}. "
+                f"Weights are downloaded from the Hugging Face hub into {_hub_cache_dir()} "
+                "(set HF_HOME / HF_HUB_CACHE to move it). On a machine without internet, copy that cache from a "
+                "machine that has it and set HF_HUB_OFFLINE=1, or pass a local file with "
+                f"'open_clip:{arch}@/path/to/checkpoint'."
+            ) from e
+        raise EncoderLoadError(f"could not build {spec}: {type(e).__name__}: {e}") from e
+    if spec.checkpoint is not None:
+        load_matching_state_dict(model, read_state_dict(spec.checkpoint), str(spec.checkpoint), arch)
+    tokenizer = open_clip.get_tokenizer(arch)
+    return OpenCLIPEncoder(model.to(dev), preprocess, tokenizer, spec, dev, prec)

@@ -1,0 +1,22 @@
+"""Exception types raised by vlmood. Every message names the offending value."""
+from __future__ import annotations
+
+
+class VlmoodError(Exception):
+    """Base class of all vlmood errors."""
+
+
+class InvalidInputError(VlmoodError, ValueError):
+    """A user-supplied value is malformed (empty class list, duplicate names, bad spec...)."""
+
+
+class EncoderLoadError(VlmoodError, RuntimeError):
+    """An encoder could not be built or its weights could not be obtained."""
+
+
+class CheckpointMismatchError(EncoderLoadError):
+    """A checkpoint's tensors do not fit the requested architecture."""
+
+
+class ImageLoadError(VlmoodError, OSError):
+    """An image file is missing, unreadable, empty, not an image, or absurdly large."""

@@ -1,0 +1,121 @@
+"""Text embedding engine: unique prompts, cache lookup, length-sorted trimmed batches, class ensembles."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .._paths import cache_root
+from ..errors import InvalidInputError
+from .cache import EmbeddingCache
+from .prompts import class_prompts, load_classes, load_templates
+
+if TYPE_CHECKING:
+    from ..encoders.base import Encoder
+
+CacheArg = Union[EmbeddingCache, bool, None]
+_TEXT_ENGINE_VERSION = "text-v1"
+_default_caches: dict[str, EmbeddingCache] = {}
+
+
+def default_cache() -> EmbeddingCache:
+    """The process-wide cache at :func:`vlmood._paths.cache_root` (re-read when ``$VLMOOD_CACHE`` changes)."""
+    root = str(cache_root())
+    if root not in _default_caches:
+        _default_caches[root] = EmbeddingCache(root)
+    return _default_caches[root]
+
+
+def _resolve_cache(cache: CacheArg) -> EmbeddingCache | None:
+    if cache is True:
+        return default_cache()
+    if cache is None or cache is False:
+        return None
+    if isinstance(cache, EmbeddingCache):
+        return cache
+    raise TypeError(f"cache must be an EmbeddingCache, True, False or None, not {type(cache).__name__}")
+
+
+def cache_namespace(encoder: "Encoder") -> str:
+    """The cache namespace of an encoder: its weights fingerprint, autocast precision and engine version."""
+    return f"{encoder.fingerprint}|{encoder.precision}|{_TEXT_ENGINE_VERSION}"
+
+
+def compute_text_embeddings(
+    encoder: "Encoder", texts: Sequence[str], batch_size: int | None = None, progress: bool | None = None
+) -> torch.Tensor:
+    """Embed ``texts`` (no cache): ``[M, D]`` float32, L2-normalised, in input order.
+
+    Prompts are sorted by token length and each batch runs only over its longest prompt's positions
+    when the encoder's text tower makes that exact (causal attention, end-token pooling).
+    """
+    if len(texts) == 0:
+        return torch.empty(0, encoder.embed_dim)
+    bs = batch_size or encoder.text_batch_size
+    tokens, lengths = encoder.tokenize(texts)
+    lengths_t = torch.tensor(lengths)
+    order = torch.argsort(lengths_t, stable=True)
+    out = torch.empty(len(texts), encoder.embed_dim)
+    # progress=None: a bar only for large sets, and only on a terminal (tqdm's disable=None)
+    disable = (not progress) if progress is not None else (True if len(texts) < 2048 else None)
+    with tqdm(total=len(texts), desc="text embeddings", unit="prompt", disable=disable, leave=False) as bar, \
+            torch.inference_mode(), encoder.autocast():
+        for i in range(0, len(texts), bs):
+            idx = order[i : i + bs]
+            length = int(lengths_t[idx].max())
+            feats = encoder._encode_token_batch(tokens[idx].to(encoder.device), length)
+            out[idx] = F.normalize(feats.float(), dim=-1).cpu()
+            bar.update(len(idx))
+    return out
+
+
+def embed_texts(
+    encoder: "Encoder",
+    texts: Sequence[str],
+    batch_size: int | None = None,
+    cache: CacheArg = None,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Embed prompts through the cache: ``[M, D]`` float32, L2-normalised, in input order.
+
+    Duplicate prompts are encoded once. With a cache, hits are read from disk and only misses are
+    computed (then stored). ``cache``: an :class:`EmbeddingCache`, ``True`` (default cache), or ``None``.
+    """
+    if isinstance(texts, str):
+        raise InvalidInputError("texts must be a sequence of strings, not a single string")
+    texts = list(texts)
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad:
+        raise InvalidInputError(f"texts must be strings; got {type(bad[0]).__name__} {bad[0]!r}")
+    uniq = list(dict.fromkeys(texts))
+    store = _resolve_cache(cache)
+    ns = cache_namespace(encoder) if store is not None else ""
+    hits = store.get(ns, uniq) if store is not None else {}
+    missing = [i for i in range(len(uniq)) if i not in hits]
+    vecs = torch.empty(len(uniq), encoder.embed_dim)
+    for i, v in hits.items():
+        vecs[i] = v
+    if missing:
+        new = compute_text_embeddings(encoder, [uniq[i] for i in missing], batch_size, progress)
+        vecs[missing] = new
+        if store is not None:
+            store.put(ns, [uniq[i] for i in missing], new)
+    pos = {t: i for i, t in enumerate(uniq)}
+    return vecs[[pos[t] for t in texts]]
+
+
+def class_embeddings(
+    encoder: "Encoder",
+    classes: str | Sequence[str],
+    templates: str | Sequence[str] | None = None,
+    cache: CacheArg = True,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Prompt-ensemble class embeddings ``[C, D]``: the normalised mean of each class's normalised template embeddings."""
+    names = load_classes(classes)
+    tmpl = load_templates(templates)
+    emb = embed_texts(encoder, class_prompts(names, tmpl), batch_size=batch_size, cache=cache, progress=progress)
+    return F.normalize(emb.view(len(names), len(tmpl), -1).mean(dim=1), dim=-1)
