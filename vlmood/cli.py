@@ -64,13 +64,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     from .data import iter_decoded, list_images
     from .detectors import make_detector
-    from .encoders import load_encoder
+    from .encoders import load_encoder, parse_spec
+    from .text import load_classes, load_templates
 
     if args.batch_size < 1:
         raise _UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # cheap checks first: a typo should not wait for a model to load
+    spec = parse_spec(args.model)
+    classes, templates = load_classes(args.classes), load_templates(args.templates)
     items = list_images(args.images)
-    encoder = load_encoder(args.model, device=args.device, precision=args.precision)
-    det = make_detector(args.method, encoder, args.classes, templates=args.templates).fit()
+    encoder = load_encoder(spec, device=args.device, precision=args.precision)
+    det = make_detector(args.method, encoder, classes, templates=templates).fit()
 
     errors: dict[int, str] = {}
     feats, locs, kept = [], [], []
