@@ -93,7 +93,7 @@ def load_hf(spec: EncoderSpec, device=None, precision: str | None = None) -> HFE
             f"hf:{name} is a {cfg.model_type!r} model; vlmood supports {', '.join(_SUPPORTED)} dual encoders"
         )
     try:
-        model = AutoModel.from_pretrained(name, torch_dtype=torch.float32)
+        model = AutoModel.from_pretrained(name).float()
         tokenizer = AutoTokenizer.from_pretrained(name)
         image_processor = AutoImageProcessor.from_pretrained(name)
     except Exception as e:

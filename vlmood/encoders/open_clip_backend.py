@@ -1,7 +1,9 @@
 """open_clip backend: ``open_clip:ARCH/PRETRAINED``, ``open_clip:ARCH@CKPT``, ``open_clip:hf-hub:ORG/REPO``."""
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -111,7 +113,10 @@ class OpenCLIPEncoder(Encoder):
         out = getattr(visual, "output_dim", None)
         if out:
             return int(out)
-        return int(self.encode_texts(["a"]).shape[-1])  # pragma: no cover - exotic towers
+        if getattr(self, "_embed_dim", None) is None:  # exotic towers: ask the text tower once
+            with torch.inference_mode():
+                self._embed_dim = int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1])
+        return self._embed_dim
 
     @property
     def supports_local(self) -> bool:
@@ -292,6 +297,25 @@ def _check_arch(open_clip, arch: str) -> None:
         raise EncoderLoadError(f"unknown open_clip architecture {arch!r}{hint}")
 
 
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init(active: bool):
+    """open_clip logs 'Model initialized randomly' before vlmood loads a local checkpoint; that would mislead."""
+    if not active:
+        yield
+        return
+    flt = _DropRandomInitNotice()
+    logging.getLogger().addFilter(flt)  # open_clip logs through the root logger
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(flt)
+
+
 def load_open_clip(
     spec: EncoderSpec, device: str | torch.device | None = None, precision: str | None = None, seed: int | None = None
 ) -> OpenCLIPEncoder:
@@ -311,7 +335,7 @@ def load_open_clip(
             )
     downloading = tag is not None or arch.startswith("hf-hub:")
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_random_init(spec.checkpoint is not None):
             if seed is not None:
                 torch.manual_seed(seed)
             model, _, preprocess = open_clip.create_model_and_transforms(

@@ -1,12 +1,13 @@
-"""Content-addressed disk cache of text embeddings.
+"""Content-addressed disk cache of embeddings (text prompts here; image features reuse it with ``kind="features"``).
 
 Layout under ``root`` (``$VLMOOD_CACHE`` or the platform cache dir)::
 
-    text/<namespace>/meta.json             which encoder (fingerprint + precision) the namespace holds
-    text/<namespace>/index.json            shard name -> row count and checksum
-    text/<namespace>/<shard>.safetensors   tensors ``keys`` (uint8 [k, 32], sha256 of each prompt) and ``emb`` [k, D]
+    <kind>/<namespace>/meta.json             which encoder (fingerprint + precision) the namespace holds
+    <kind>/<namespace>/index.json            shard name -> row count and checksum
+    <kind>/<namespace>/<shard>.safetensors   tensors ``keys`` (uint8 [k, 32], sha256 of each key) and ``emb`` [k, D]
 
-A namespace is one encoder; a key is the sha256 of the exact prompt string. Every shard is written to a
+A namespace is one encoder (and, for images, one preprocessing); a key is the sha256 of an exact string
+(the prompt, or an image's identity). Every shard is written to a
 temporary file and renamed into place, so readers never see a partial shard, and concurrent writers
 each add their own shards (the index is updated under a file lock and re-derived from the folder when
 a shard is missing from it). Each shard carries a checksum of its tensors: a truncated or corrupted
@@ -75,20 +76,22 @@ class EmbeddingCache:
     Args:
         root: cache root; default ``$VLMOOD_CACHE`` or the platform user cache dir.
         dtype: storage dtype, ``"float32"`` (exact) or ``"float16"`` (half the disk, ~1e-3 error).
+        kind: top-level folder separating what is stored (``"text"``, ``"features"``).
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, dtype: str = "float32"):
+    def __init__(self, root: str | os.PathLike | None = None, dtype: str = "float32", kind: str = "text"):
         if dtype not in _DTYPES:
             raise ValueError(f"cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.root = Path(root) if root is not None else cache_root()
         self.dtype = dtype
+        self.kind = kind
         self._verified: dict[Path, tuple[int, int]] = {}  # shard -> (size, mtime_ns) verified in this process
 
     def __repr__(self) -> str:
-        return f"EmbeddingCache(root={str(self.root)!r}, dtype={self.dtype!r})"
+        return f"EmbeddingCache(root={str(self.root)!r}, dtype={self.dtype!r}, kind={self.kind!r})"
 
     def folder(self, namespace: str) -> Path:
-        return self.root / "text" / hashlib.sha256(namespace.encode()).hexdigest()[:24]
+        return self.root / self.kind / hashlib.sha256(namespace.encode()).hexdigest()[:24]
 
     # ------------------------------------------------------------------ reading
     def get(self, namespace: str, texts: Sequence[str]) -> dict[int, torch.Tensor]:
@@ -185,8 +188,8 @@ class EmbeddingCache:
         return shard
 
     def clear(self, namespace: str | None = None) -> None:
-        """Delete one namespace (or the whole text cache)."""
+        """Delete one namespace (or everything of this cache's kind)."""
         import shutil
 
-        target = self.folder(namespace) if namespace is not None else self.root / "text"
+        target = self.folder(namespace) if namespace is not None else self.root / self.kind
         shutil.rmtree(target, ignore_errors=True)
