@@ -5,13 +5,16 @@ in-distribution as the positive class.
 """
 from .detectors import DETECTORS, GLMCM, MCM, Detector, Energy, MaxLogit, Prediction, make_detector
 from .encoders import Encoder, load_encoder, parse_spec
+from .evaluation import Benchmark, Report
+from .features import Features, extract_features
 from .metrics import evaluate
 from .text import EmbeddingCache, class_embeddings, embed_texts, load_classes, load_templates
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DETECTORS", "GLMCM", "MCM", "Detector", "EmbeddingCache", "Encoder", "Energy", "MaxLogit", "Prediction",
-    "class_embeddings", "embed_texts", "evaluate", "load_classes", "load_encoder", "load_templates",
+    "DETECTORS", "GLMCM", "MCM", "Benchmark", "Detector", "EmbeddingCache", "Encoder", "Energy", "Features",
+    "MaxLogit", "Prediction", "Report", "class_embeddings", "embed_texts", "evaluate", "extract_features",
+    "load_classes", "load_encoder", "load_templates",
     "make_detector", "parse_spec",
 ]

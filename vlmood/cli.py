@@ -1,4 +1,4 @@
-"""Command-line interface: ``vlmood score``, ``vlmood embed-texts``."""
+"""Command-line interface: ``vlmood score``, ``vlmood eval``, ``vlmood embed-texts``."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="unreadable images: stop (raise, default) or list them in the output and go on (skip)")
     s.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+
+    v = sub.add_parser("eval", help="evaluate detectors on an ID set and OOD sets; writes a report",
+                       description="Encode every image once, score it with every method, and write report.md, "
+                                   "results.csv, results.json and plots into --report DIR.")
+    _add_model_args(v)
+    v.add_argument("--suite", metavar="NAME_OR_FILE",
+                   help="a standard suite (imagenet-mos, openood-v1.5-imagenet1k, openood-v1.5-cifar10, "
+                        "openood-v1.5-cifar100) with --root; replaces --classes/--id/--ood")
+    v.add_argument("--root", metavar="DIR", help="data root for --suite")
+    v.add_argument("--classes", metavar="FILE_OR_LIST", help="ID class names (file, bundled list, or 'cat,dog')")
+    v.add_argument("--id", metavar="SOURCE", help="ID images: folder, glob, manifest, or hf:NAME[:split]")
+    v.add_argument("--ood", action="append", default=[], metavar="[GROUP/]NAME=SOURCE",
+                   help="an OOD set, repeatable; GROUP (e.g. near/far) defaults to 'ood'")
+    v.add_argument("--methods", default="mcm", help=f"comma-separated methods from {', '.join(sorted(DETECTORS))}")
+    v.add_argument("--templates", default=None, metavar="NAME_OR_FILE", help="prompt templates (default: simple)")
+    v.add_argument("--report", required=True, metavar="DIR", help="output folder")
+    v.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="unreadable images: stop (raise) or list them in the report (skip)")
+    v.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    v.add_argument("--workers", type=int, default=None, help="decoding workers (default min(4, cpus-1))")
+    v.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
 
     e = sub.add_parser("embed-texts", help="fill the text-embedding cache ahead of time",
                        description="Embed prompts into the disk cache ($VLMOOD_CACHE or the platform cache dir).")
@@ -129,6 +150,47 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_ood(values: list[str]) -> dict[str, dict[str, str]]:
+    groups: dict[str, dict[str, str]] = {}
+    for v in values:
+        key, sep, src = v.partition("=")
+        if not sep or not key or not src:
+            raise _UsageError(f"--ood expects [GROUP/]NAME=SOURCE, got {v!r}")
+        group, _, name = key.rpartition("/")
+        groups.setdefault(group or "ood", {})[name] = src
+    return groups
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .detectors import DETECTORS
+    from .encoders import load_encoder, parse_spec
+    from .evaluation import Benchmark, load_suite
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m.lower().replace("-", "") not in DETECTORS]
+    if unknown or not methods:
+        raise _UsageError(f"unknown method(s) {unknown or args.methods!r}; choose from {', '.join(sorted(DETECTORS))}")
+    spec = parse_spec(args.model)
+    if args.suite:
+        if not args.root:
+            raise _UsageError("--suite needs --root DIR (the folder holding the suite's data)")
+        bench = load_suite(args.suite, args.root, on_error=args.on_error,
+                           **({"templates": args.templates} if args.templates else {}))
+    else:
+        missing = [f for f, v in (("--classes", args.classes), ("--id", args.id), ("--ood", args.ood)) if not v]
+        if missing:
+            raise _UsageError(f"give {', '.join(missing)} (or --suite with --root)")
+        bench = Benchmark(id=args.id, ood=_parse_ood(args.ood), classes=args.classes, templates=args.templates,
+                          name=f"{spec}", on_error=args.on_error)
+    encoder = load_encoder(spec, device=args.device, precision=args.precision)
+    report = bench.run(encoder, methods, cache=not args.no_cache, batch_size=args.batch_size,
+                       num_workers=args.workers)
+    paths = report.save(args.report)
+    print(report.to_markdown())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def _cmd_embed_texts(args: argparse.Namespace) -> int:
     from .encoders import load_encoder
     from .text import class_prompts, embed_texts, load_classes, load_templates
@@ -159,7 +221,7 @@ class _UsageError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"score": _cmd_score, "embed-texts": _cmd_embed_texts}
+    commands = {"score": _cmd_score, "eval": _cmd_eval, "embed-texts": _cmd_embed_texts}
     try:
         return commands[args.command](args)
     except ImageLoadError as e:

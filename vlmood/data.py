@@ -98,7 +98,8 @@ class ImageItem:
 def list_images(spec: str | os.PathLike | Sequence[str]) -> list[ImageItem]:
     """Resolve an image source to items, sorted for folders and globs.
 
-    ``spec``: a folder (searched recursively for image files), a glob pattern (``"imgs/**/*.jpg"``),
+    ``spec``: a folder (searched recursively for image files; when every image lies in a subfolder, the
+    first-level subfolder name is its label, as in torchvision's ImageFolder), a glob pattern (``"imgs/**/*.jpg"``),
     a CSV/TSV manifest with a ``path`` column and optional ``label`` column (relative paths are taken
     from the manifest's folder; a header-less file is read as ``path[,label]``), or a list of paths.
     """
@@ -107,10 +108,12 @@ def list_images(spec: str | os.PathLike | Sequence[str]) -> list[ImageItem]:
     s = os.fspath(spec)
     p = Path(s).expanduser()
     if p.is_dir():
-        items = [ImageItem(str(f)) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
-        if not items:
+        files = [f for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+        if not files:
             raise InvalidInputError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under folder {p}")
-        return items
+        rel = [f.relative_to(p).parts for f in files]
+        labelled = all(len(r) >= 2 for r in rel)  # ImageFolder layout: root/<class>/.../image
+        return [ImageItem(str(f), r[0] if labelled else None) for f, r in zip(files, rel)]
     if p.is_file() and p.suffix.lower() in (".csv", ".tsv", ".txt"):
         return _read_manifest(p)
     if any(c in s for c in "*?["):
@@ -162,3 +165,165 @@ def iter_decoded(items: Sequence[ImageItem], on_error: str = "raise") -> Iterato
             if on_error == "raise":
                 raise
             yield it, None, str(e)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+class ImageSource:
+    """An indexable set of images, each with a stable id, an optional label, and a cache identity.
+
+    Build one with :func:`open_source`. ``load(i)`` decodes image ``i`` as RGB (raising
+    :class:`ImageLoadError` naming it); ``identity(i)`` is the string that keys its cached features.
+    """
+
+    name: str = "images"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    ids: list[str]
+    labels: list[Any] | None
+
+    def load(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def identity(self, i: int) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}: {len(self)} images{', labelled' if self.labels else ''}>"
+
+
+class PathSource(ImageSource):
+    """Images on disk; identity = absolute path + size + modification time (a changed file is re-encoded)."""
+
+    def __init__(self, items: Sequence[ImageItem], name: str = "images"):
+        self.paths = [it.path for it in items]
+        self.ids = list(self.paths)
+        labels = [it.label for it in items]
+        self.labels = labels if any(lb is not None for lb in labels) else None
+        self.name = name
+
+    def load(self, i: int) -> Image.Image:
+        return load_image(self.paths[i])
+
+    def identity(self, i: int) -> str:
+        p = os.path.abspath(self.paths[i])
+        try:
+            st = os.stat(p)
+        except OSError:
+            return f"path:{p}|missing"
+        return f"path:{p}|{st.st_size}|{st.st_mtime_ns}"
+
+
+class MemorySource(ImageSource):
+    """In-memory PIL images; identity = sha256 of mode, size and pixel bytes."""
+
+    def __init__(self, images: Sequence[Image.Image], labels: Sequence[Any] | None = None, name: str = "images"):
+        self.images = list(images)
+        self.ids = [f"{name}[{i}]" for i in range(len(self.images))]
+        self.labels = list(labels) if labels is not None else None
+        self.name = name
+
+    def load(self, i: int) -> Image.Image:
+        return load_image(self.images[i])
+
+    def identity(self, i: int) -> str:
+        import hashlib
+
+        im = self.images[i]
+        h = hashlib.sha256(f"{im.mode}|{im.size}".encode())
+        h.update(im.tobytes())
+        return f"sha256:{h.hexdigest()}"
+
+
+class HFSource(ImageSource):
+    """A Hugging Face ``datasets.Dataset``; identity = the dataset's fingerprint + row index."""
+
+    def __init__(self, ds: Any, image_column: str = "image", label_column: str | None = "label", name: str = "hf"):
+        if image_column not in ds.column_names:
+            raise InvalidInputError(f"dataset {name!r} has no image column {image_column!r}; columns: {ds.column_names}")
+        self.ds = ds
+        self.image_column = image_column
+        self.name = name
+        self.ids = [f"{name}[{i}]" for i in range(len(ds))]
+        self.labels = None
+        if label_column and label_column in ds.column_names:
+            feat = ds.features[label_column]
+            raw = ds[label_column]
+            names = getattr(feat, "names", None)
+            self.labels = [names[v] if names is not None and v is not None and v >= 0 else v for v in raw]
+
+    def load(self, i: int) -> Image.Image:
+        try:
+            im = self.ds[i][self.image_column]
+        except Exception as e:
+            raise ImageLoadError(f"cannot decode image {self.ids[i]}: {e}") from e
+        if isinstance(im, dict):  # Image feature with decode=False
+            import io
+
+            im = Image.open(io.BytesIO(im["bytes"])) if im.get("bytes") else im.get("path")
+        if im is None:
+            raise ImageLoadError(f"image {self.ids[i]} is empty")
+        return load_image(im)
+
+    def identity(self, i: int) -> str:
+        return f"hf:{getattr(self.ds, '_fingerprint', self.name)}:{i}"
+
+
+def _open_hf(spec: str, split: str | None, image_column: str, label_column: str | None) -> HFSource:
+    """``hf:NAME[:split]``: a dataset saved with ``save_to_disk``, a local data folder, or a cached hub dataset."""
+    import datasets
+
+    name, _, sp = spec[3:].partition(":")
+    split = sp or split
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            ds: Any = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path))
+        else:
+            ds = datasets.load_dataset(name)
+    except Exception as e:
+        raise InvalidInputError(f"cannot open dataset {spec!r}: {type(e).__name__}: {e}") from e
+    return as_source(ds, split=split, image_column=image_column, label_column=label_column, name=spec)
+
+
+def as_source(
+    source: Any,
+    split: str | None = None,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    name: str | None = None,
+) -> ImageSource:
+    """Turn any supported image source into an :class:`ImageSource`.
+
+    ``source``: an ``ImageSource``; a folder (ImageFolder subfolders give labels), glob or CSV/TSV manifest
+    (``path[,label]``); ``"hf:NAME[:split]"`` (``save_to_disk`` folder, image folder, or cached hub dataset);
+    a list of paths or PIL images; a ``datasets.Dataset`` or ``DatasetDict`` (choose ``split``; with one
+    split it is taken). ``image_column`` / ``label_column`` name the dataset columns.
+    """
+    if isinstance(source, ImageSource):
+        return source
+    if isinstance(source, str) and source.startswith("hf:"):
+        return _open_hf(source, split, image_column, label_column)
+    if isinstance(source, (str, os.PathLike)):
+        return PathSource(list_images(source), name=name or os.fspath(source))
+    cls = type(source).__name__
+    if cls == "DatasetDict":
+        splits = list(source.keys())
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split not in source:
+            raise InvalidInputError(f"dataset {name or ''} has splits {splits}; choose one with split= (or NAME:split)")
+        return HFSource(source[split], image_column, label_column, name=f"{name or 'hf'}:{split}")
+    if cls in ("Dataset", "IterableDataset") and hasattr(source, "column_names"):
+        return HFSource(source, image_column, label_column, name=name or "hf")
+    items = list(source)
+    if not items:
+        raise InvalidInputError(f"image source {name or ''} is empty")
+    if all(isinstance(x, Image.Image) for x in items):
+        return MemorySource(items, name=name or "images")
+    if all(isinstance(x, (str, os.PathLike)) for x in items):
+        return PathSource([ImageItem(os.fspath(x)) for x in items], name=name or "images")
+    raise InvalidInputError("a list source must hold only paths or only PIL images")

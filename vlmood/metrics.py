@@ -38,6 +38,13 @@ def _counts_by_threshold(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, 
     return tp.astype(np.float64), fp.astype(np.float64)
 
 
+def roc_curve(id_scores: Any, ood_scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """ROC points ``(fpr, tpr)`` from (0, 0) to (1, 1), one per distinct threshold, ID positive."""
+    pos, neg = _scores(id_scores, "id_scores"), _scores(ood_scores, "ood_scores")
+    tp, fp = _counts_by_threshold(pos, neg)
+    return np.r_[0.0, fp / len(neg)], np.r_[0.0, tp / len(pos)]
+
+
 def auroc(id_scores: Any, ood_scores: Any) -> float:
     """P(score_id > score_ood) + 1/2 P(score_id == score_ood)."""
     pos, neg = _scores(id_scores, "id_scores"), _scores(ood_scores, "ood_scores")

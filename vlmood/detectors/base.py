@@ -16,6 +16,14 @@ from ..text.embed import CacheArg, class_embeddings
 from ..text.prompts import load_classes, load_templates
 
 
+def _unpack(features: Any, local: Any) -> tuple[Any, Any]:
+    from ..features import Features
+
+    if isinstance(features, Features):
+        return features.features, features.local if local is None else local
+    return features, local
+
+
 @dataclass
 class Prediction:
     """Per-image results: ``labels`` [N] class indices, ``class_names`` [N], ``scores`` [N], ``is_ood`` [N] bools."""
@@ -73,7 +81,9 @@ class Detector:
 
     # ------------------------------------------------------------------ scoring
     def score_features(self, image_features: Any, local_features: Any = None) -> np.ndarray:
-        """ID scores ``[N]`` from L2-normalised global features ``[N, D]`` (and local ``[N, P, D]`` if needed)."""
+        """ID scores ``[N]`` from L2-normalised global features ``[N, D]`` (and local ``[N, P, D]`` if needed),
+        or from a :class:`vlmood.features.Features` (which carries both)."""
+        image_features, local_features = _unpack(image_features, local_features)
         if self.needs_local and local_features is None:
             raise ValueError(f"{type(self).__name__} needs local (per-patch) features: pass local_features")
         return self._score(self.similarities(image_features), local_features)
@@ -90,7 +100,8 @@ class Detector:
         return self.score_features(*self._features(images, batch_size))
 
     def classify_features(self, image_features: Any) -> np.ndarray:
-        """Index of the most similar ID class for each image: ``[N, D] -> [N]``."""
+        """Index of the most similar ID class for each image: ``[N, D]`` (or ``Features``) ``-> [N]``."""
+        image_features, _ = _unpack(image_features, None)
         return self.similarities(image_features).argmax(dim=-1).numpy()
 
     def classify(self, images: ImageInput, batch_size: int | None = None) -> np.ndarray:
