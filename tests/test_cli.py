@@ -96,6 +96,7 @@ def test_bad_arguments_exit_2_with_one_line(args, needle):
 
 
 def test_help_everywhere():
-    for args in (["--help"], ["score", "--help"], ["embed-texts", "--help"]):
+    for args in (["--help"], ["score", "--help"], ["eval", "--help"], ["mine-negatives", "--help"],
+                 ["embed-texts", "--help"]):
         r = run_cli(*args)
         assert r.returncode == 0 and "usage: vlmood" in r.stdout

@@ -3,7 +3,7 @@
 Convention everywhere: a detector's score is **higher for more in-distribution inputs**, and metrics treat
 in-distribution as the positive class.
 """
-from .detectors import DETECTORS, GLMCM, MCM, Detector, Energy, MaxLogit, Prediction, make_detector
+from .detectors import CSP, DETECTORS, GLMCM, MCM, Detector, Energy, MaxLogit, NegLabel, Prediction, make_detector
 from .encoders import Encoder, load_encoder, parse_spec
 from .evaluation import Benchmark, Report
 from .features import Features, extract_features
@@ -13,7 +13,7 @@ from .text import EmbeddingCache, class_embeddings, embed_texts, load_classes, l
 __version__ = "0.1.0"
 
 __all__ = [
-    "DETECTORS", "GLMCM", "MCM", "Benchmark", "Detector", "EmbeddingCache", "Encoder", "Energy", "Features",
+    "CSP", "DETECTORS", "GLMCM", "MCM", "NegLabel", "Benchmark", "Detector", "EmbeddingCache", "Encoder", "Energy", "Features",
     "MaxLogit", "Prediction", "Report", "class_embeddings", "embed_texts", "evaluate", "extract_features",
     "load_classes", "load_encoder", "load_templates",
     "make_detector", "parse_spec",

@@ -1,4 +1,4 @@
-"""Command-line interface: ``vlmood score``, ``vlmood eval``, ``vlmood embed-texts``."""
+"""Command-line interface: ``vlmood score``, ``vlmood eval``, ``vlmood mine-negatives``, ``vlmood embed-texts``."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", required=True, metavar="DIR|GLOB|CSV", help="folder (recursive), glob, or CSV manifest")
     s.add_argument("--method", default="mcm", choices=sorted(DETECTORS), help="scoring rule (default: mcm)")
     s.add_argument("--templates", default=None, metavar="NAME_OR_FILE",
-                   help="prompt templates: simple (default), imagenet7, imagenet80, or a file with one per line")
+                   help="prompt templates: simple, imagenet7, imagenet80, or a file with one per line "
+                        "(default: the method's own; simple for MCM-style methods)")
     s.add_argument("--threshold", type=float, default=None,
                    help="scores below this are flagged is_ood=1 (omit: no is_ood column values)")
     s.add_argument("--out", required=True, metavar="CSV", help="output CSV path")
@@ -61,13 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--ood", action="append", default=[], metavar="[GROUP/]NAME=SOURCE",
                    help="an OOD set, repeatable; GROUP (e.g. near/far) defaults to 'ood'")
     v.add_argument("--methods", default="mcm", help=f"comma-separated methods from {', '.join(sorted(DETECTORS))}")
-    v.add_argument("--templates", default=None, metavar="NAME_OR_FILE", help="prompt templates (default: simple)")
+    v.add_argument("--templates", default=None, metavar="NAME_OR_FILE", help="prompt templates (default: each method's own)")
     v.add_argument("--report", required=True, metavar="DIR", help="output folder")
     v.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="unreadable images: stop (raise) or list them in the report (skip)")
     v.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     v.add_argument("--workers", type=int, default=None, help="decoding workers (default min(4, cpus-1))")
     v.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+
+    n = sub.add_parser("mine-negatives", help="mine NegLabel/CSP negative labels for a class list",
+                       description="Mine negative labels from a lexicon; .txt output lists 'label<TAB>pos' lines, "
+                                   ".json output is a detector file for vlmood.NegLabel.load.")
+    _add_model_args(n)
+    n.add_argument("--classes", required=True, metavar="FILE_OR_LIST", help="ID class names")
+    n.add_argument("--lexicon", default="neglabel",
+                   help="neglabel (default), nouns, adjectives, wordnet, or a lexicon folder/file")
+    n.add_argument("--pool", choices=("neglabel", "csp"), default="neglabel", help="candidate pool (default neglabel)")
+    n.add_argument("--percentile", type=float, default=0.95, help="similarity quantile (default 0.95)")
+    n.add_argument("--ratio", type=float, default=0.15, help="fraction kept per part of speech (default 0.15)")
+    n.add_argument("--out", required=True, metavar="FILE", help="negatives.txt or detector.json")
 
     e = sub.add_parser("embed-texts", help="fill the text-embedding cache ahead of time",
                        description="Embed prompts into the disk cache ($VLMOOD_CACHE or the platform cache dir).")
@@ -92,7 +105,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise _UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     # cheap checks first: a typo should not wait for a model to load
     spec = parse_spec(args.model)
-    classes, templates = load_classes(args.classes), load_templates(args.templates)
+    classes = load_classes(args.classes)
+    templates = load_templates(args.templates) if args.templates else None  # None: the method's own default
     items = list_images(args.images)
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
     det = make_detector(args.method, encoder, classes, templates=templates).fit()
@@ -191,6 +205,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mine_negatives(args: argparse.Namespace) -> int:
+    from .detectors import NegLabel
+    from .encoders import load_encoder, parse_spec
+    from .text import load_classes
+
+    spec = parse_spec(args.model)
+    classes = load_classes(args.classes)
+    encoder = load_encoder(spec, device=args.device, precision=args.precision)
+    det = NegLabel(encoder, classes, lexicon=args.lexicon, pool=args.pool, percentile=args.percentile,
+                   ratio=args.ratio, ngroups=1).fit()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".json":
+        det.save(out)
+    else:
+        from .text.cache import atomic_write_bytes
+
+        lines = [f"# {len(det.negatives_)} {args.pool} negatives for {len(classes)} classes, {spec}, "
+                 f"percentile {args.percentile}, ratio {args.ratio}"]
+        lines += [f"{w}\t{p}" for w, p in det.negatives_]
+        atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
+    counts: dict[str, int] = {}
+    for _, p in det.negatives_:
+        counts[p] = counts.get(p, 0) + 1
+    print(f"mined {len(det.negatives_)} negatives ({', '.join(f'{k}: {v}' for k, v in counts.items())}); wrote {out}")
+    return 0
+
+
 def _cmd_embed_texts(args: argparse.Namespace) -> int:
     from .encoders import load_encoder
     from .text import class_prompts, embed_texts, load_classes, load_templates
@@ -221,7 +263,8 @@ class _UsageError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"score": _cmd_score, "eval": _cmd_eval, "embed-texts": _cmd_embed_texts}
+    commands = {"score": _cmd_score, "eval": _cmd_eval, "mine-negatives": _cmd_mine_negatives,
+                "embed-texts": _cmd_embed_texts}
     try:
         return commands[args.command](args)
     except ImageLoadError as e:

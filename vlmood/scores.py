@@ -78,3 +78,33 @@ def glmcm(global_sims: Any, local_sims: Any, temperature: float = 1.0, lam: floa
     if g.shape[0] != loc.shape[0]:
         raise ValueError(f"global_sims has {g.shape[0]} rows but local_sims has {loc.shape[0]}")
     return g + lam * loc
+
+
+def neglabel(id_sims: Any, neg_sims: Any, temperature: float = 0.01, ngroups: int = 100,
+             seed: int | None = 0) -> np.ndarray:
+    """NegLabel score (Jiang et al., ICLR 2024): softmax mass on the ID labels against negative labels.
+
+    ``logits = sims / temperature``. The ``M`` negatives are permuted with ``torch.Generator().manual_seed(seed)``
+    (``seed=None``: kept in order), split into ``ngroups`` equal groups of ``M // ngroups`` (the remainder of
+    the permuted order is dropped), and for each group the softmax over ``[ID labels, group]`` is summed over
+    the ID labels; the score is the mean over groups. ``ngroups=1`` is the plain softmax over all labels.
+
+    ``id_sims`` ``[N, C]``, ``neg_sims`` ``[N, M]`` -> ``[N]`` in (0, 1], higher = more ID.
+    """
+    _check_positive(temperature, "temperature")
+    ids = _as_tensor(id_sims, 2, "id_sims")
+    neg = _as_tensor(neg_sims, 2, "neg_sims")
+    if ids.shape[0] != neg.shape[0]:
+        raise ValueError(f"id_sims has {ids.shape[0]} rows but neg_sims has {neg.shape[0]}")
+    m = neg.shape[1]
+    if not isinstance(ngroups, int) or ngroups < 1:
+        raise ValueError(f"ngroups must be a positive integer, got {ngroups!r}")
+    if ngroups > m:
+        raise ValueError(f"ngroups={ngroups} is larger than the number of negative labels ({m})")
+    order = torch.randperm(m, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(m)
+    size = m // ngroups
+    groups = order[: size * ngroups].view(ngroups, size)
+    lse_id = torch.logsumexp(ids / temperature, dim=1, keepdim=True)  # [N, 1]
+    lse_neg = torch.logsumexp((neg / temperature)[:, groups], dim=2)  # [N, ngroups]
+    # sum of ID softmax mass within a group = e^lse_id / (e^lse_id + e^lse_neg) = sigmoid(lse_id - lse_neg)
+    return torch.sigmoid(lse_id - lse_neg).mean(dim=1).numpy()

@@ -8,16 +8,18 @@ from ..errors import InvalidInputError
 from .base import Detector, Prediction
 from .glmcm import GLMCM
 from .mcm import MCM, Energy, MaxLogit
+from .neglabel import CSP, NegLabel
 
-DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (MCM, GLMCM, Energy, MaxLogit)}
+DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (MCM, GLMCM, Energy, MaxLogit, NegLabel, CSP)}
 
 
 def make_detector(name: str, encoder: Encoder, classes: str | Sequence[str], **kwargs: Any) -> Detector:
-    """A detector by method name (``mcm``, ``glmcm``, ``energy``, ``maxlogit``)."""
+    """A detector by method name (``mcm``, ``glmcm``, ``energy``, ``maxlogit``, ``neglabel``, ``csp``)."""
     key = name.lower().replace("-", "").replace("_", "")
     if key not in DETECTORS:
         raise InvalidInputError(f"unknown method {name!r}; choose from {', '.join(DETECTORS)}")
     return DETECTORS[key](encoder, classes, **kwargs)
 
 
-__all__ = ["DETECTORS", "Detector", "Energy", "GLMCM", "MCM", "MaxLogit", "Prediction", "make_detector"]
+__all__ = ["CSP", "DETECTORS", "Detector", "Energy", "GLMCM", "MCM", "MaxLogit", "NegLabel", "Prediction",
+           "make_detector"]

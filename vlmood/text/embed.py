@@ -113,9 +113,13 @@ def class_embeddings(
     cache: CacheArg = True,
     batch_size: int | None = None,
     progress: bool | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
-    """Prompt-ensemble class embeddings ``[C, D]``: the normalised mean of each class's normalised template embeddings."""
-    names = load_classes(classes)
+    """Prompt-ensemble class embeddings ``[C, D]``: the normalised mean of each class's normalised template embeddings.
+
+    ``check=False`` skips class-list validation (used for lexicon words, which are already unique).
+    """
+    names = load_classes(classes) if check else list(classes)
     tmpl = load_templates(templates)
     emb = embed_texts(encoder, class_prompts(names, tmpl), batch_size=batch_size, cache=cache, progress=progress)
     return F.normalize(emb.view(len(names), len(tmpl), -1).mean(dim=1), dim=-1)

@@ -1,0 +1,245 @@
+"""NegLabel / CSP: lexicons, mining and the grouped kernel against direct computations; detector persistence."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlmood
+from vlmood import lexicons, scores
+from vlmood.cli import main
+from vlmood.errors import InvalidInputError
+from vlmood.negatives import CSP_SUPERCLASSES, candidate_pool, mine, percentile_similarity
+
+
+# ------------------------------------------------------------------ kernel
+def direct_neglabel(id_sims, neg_sims, T, ngroups, seed):
+    m = neg_sims.shape[1]
+    order = (torch.randperm(m, generator=torch.Generator().manual_seed(seed)).numpy() if seed is not None
+             else np.arange(m))
+    size = m // ngroups
+    out = np.zeros(id_sims.shape[0])
+    for g in range(ngroups):
+        cols = order[g * size:(g + 1) * size]
+        for n in range(id_sims.shape[0]):
+            logits = np.concatenate([id_sims[n], neg_sims[n, cols]]) / T
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            out[n] += p[: id_sims.shape[1]].sum() / ngroups
+    return out
+
+
+@pytest.mark.parametrize("ngroups,seed,T", [(1, 0, 0.01), (7, 0, 0.01), (10, 3, 0.05), (4, None, 1.0)])
+def test_neglabel_kernel_matches_direct(ngroups, seed, T):
+    rng = np.random.default_rng(0)
+    ids, neg = rng.uniform(0.1, 0.35, (6, 5)), rng.uniform(0.1, 0.35, (6, 43))  # 43 % 7 = 1, 43 % 10 = 3 dropped
+    np.testing.assert_allclose(scores.neglabel(ids, neg, T, ngroups, seed), direct_neglabel(ids, neg, T, ngroups, seed),
+                               rtol=1e-10)
+
+
+def test_neglabel_kernel_hand_computed():
+    # one ID label with logit ln 3, two negatives with logit 0: ID mass = 3 / (3 + 2)
+    ids, neg = np.array([[math.log(3)]]), np.zeros((1, 2))
+    assert scores.neglabel(ids, neg, temperature=1.0, ngroups=1)[0] == pytest.approx(0.6)
+    # two groups of one negative each: mean of 3/4 and 3/4
+    assert scores.neglabel(ids, neg, temperature=1.0, ngroups=2)[0] == pytest.approx(0.75)
+
+
+def test_neglabel_kernel_errors():
+    with pytest.raises(ValueError, match="ngroups=5 is larger than the number of negative labels \\(4\\)"):
+        scores.neglabel(np.zeros((1, 2)), np.zeros((1, 4)), ngroups=5)
+    with pytest.raises(ValueError, match="rows"):
+        scores.neglabel(np.zeros((2, 2)), np.zeros((1, 4)), ngroups=1)
+
+
+# ------------------------------------------------------------------ mining
+def unit(rng, n, d=16):
+    x = rng.normal(size=(n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def direct_mine(ids, cands, pct, ratio, groups, exclude):
+    vals = np.quantile(cands @ ids.T, pct, axis=1, method="linear")
+    out = []
+    for g in dict.fromkeys(groups):
+        members = [i for i in range(len(cands)) if groups[i] == g and not exclude[i]]
+        members.sort(key=lambda i: vals[i])
+        out += members[: int(math.floor(ratio * len(members)))]
+    return out
+
+
+@pytest.mark.parametrize("pct,ratio", [(0.95, 0.15), (0.5, 0.3), (1.0, 1.0)])
+def test_mine_matches_direct(pct, ratio):
+    rng = np.random.default_rng(1)
+    ids, cands = unit(rng, 30), unit(rng, 500)
+    groups = ["noun"] * 320 + ["adj"] * 180
+    exclude = [i % 37 == 0 for i in range(500)]
+    got = mine(ids, cands, pct, ratio, groups=groups, exclude=exclude, chunk_size=64)
+    assert got.tolist() == direct_mine(ids, cands, pct, ratio, groups, exclude)
+    assert len(got) == math.floor(ratio * 311) + math.floor(ratio * 175)
+
+
+def test_percentile_chunking_and_push_above():
+    rng = np.random.default_rng(2)
+    ids, cands = unit(rng, 20), unit(rng, 300)
+    np.testing.assert_allclose(percentile_similarity(ids, cands, 0.9, chunk_size=7),
+                               percentile_similarity(ids, cands, 0.9, chunk_size=1000), rtol=1e-6)
+    near = np.vstack([cands, ids[:3]])  # three candidates identical to ID classes
+    got = mine(ids, near, 0.95, 1.0, push_above=0.95)
+    assert sorted(got[-3:].tolist()) == [300, 301, 302]  # ranked last
+
+
+def test_mine_errors():
+    with pytest.raises(InvalidInputError, match="ratio must be in \\(0, 1\\], got 1.5"):
+        mine(np.eye(2), np.eye(2), ratio=1.5)
+    with pytest.raises(InvalidInputError, match="ratio must be in \\(0, 1\\], got 0"):
+        mine(np.eye(2), np.eye(2), ratio=0)
+
+
+# ------------------------------------------------------------------ lexicons
+def test_bundled_wordnet_lexicon_counts():
+    lex = lexicons.load("neglabel")
+    assert len(lex) == len(set(lex.words))
+    assert 69_000 < len(lex) < 72_000  # NegLabel's ~70k words
+    assert set(lex.source) == set(lexicons.SELECTIONS["neglabel"]) and "noun.animal" not in lex.source
+    assert lex.counts()["adj"] > 10_000
+    assert all(w == w.lower() and "_" not in w for w in lex.words[:5000])
+    plant = lexicons.load(["noun.plant"])
+    assert len(plant) == int(open(Path(lexicons.__file__).parent.parent / "lexicons" / "wordnet-3.0" /
+                                  "noun.plant.txt").read().split(": ")[1].split()[0])
+
+
+def test_lexicon_errors(tmp_path):
+    with pytest.raises(InvalidInputError, match="unknown lexicon selection 'neglabels'"):
+        lexicons.load("neglabels")
+    with pytest.raises(InvalidInputError, match="lexicon file not found: .*noun.nothing.txt"):
+        lexicons.load(["noun.nothing"])
+    (tmp_path / "noun.empty.txt").write_text("# only a comment\n")
+    with pytest.raises(InvalidInputError, match="noun.empty.txt is empty"):
+        lexicons.load(str(tmp_path))
+
+
+@pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").exists(), reason="Debian wordnet-base not installed")
+def test_generator_reproduces_committed_files(tmp_path):
+    counts = lexicons.build("/usr/share/wordnet", tmp_path)
+    bundled = Path(lexicons.__file__).parent.parent / "lexicons" / "wordnet-3.0"
+    for name in ("noun.artifact", "noun.plant", "adj.all", "adj.ppl"):
+        assert (tmp_path / f"{name}.txt").read_text() == (bundled / f"{name}.txt").read_text()
+    assert counts["noun.artifact"] == 10329 and len(counts) == 29
+
+
+# ------------------------------------------------------------------ pools and detectors
+@pytest.fixture
+def small_lexicon(tmp_path):
+    d = tmp_path / "lex"
+    d.mkdir()
+    nouns = ["cat", "rock", "cloud", "violin", "ocean", "lamp", "garden", "bridge", "engine", "pencil", "river",
+             "castle", "mirror", "candle", "tunnel", "forest", "ladder", "helmet", "window", "anchor"]
+    adjs = ["striped", "wooden", "bright", "frozen", "hollow", "velvet", "rusty", "silent", "golden", "misty"]
+    (d / "noun.things.txt").write_text("\n".join(nouns) + "\n")
+    (d / "adj.all.txt").write_text("\n".join(adjs) + "\n")
+    return d, nouns, adjs
+
+
+def encode_direct(enc, prompts):
+    with torch.inference_mode():
+        return F.normalize(enc.model.encode_text(enc.tokenizer(prompts)), dim=-1).double().numpy()
+
+
+def test_neglabel_detector_against_direct_computation(tiny, small_lexicon):
+    d, nouns, adjs = small_lexicon
+    classes = ["cat", "dog", "tree"]
+    det = vlmood.NegLabel(tiny, classes, lexicon=str(d), ratio=0.5, ngroups=3, seed=1).fit()
+    # independent: embeddings straight from open_clip, the mining rule by hand
+    id_emb = encode_direct(tiny, [f"the nice {c}." for c in classes])
+    cands = [w for w in nouns if w != "cat"]  # the ID class name is dropped first
+    cand_emb = np.vstack([encode_direct(tiny, [f"the nice {w}." for w in cands]),
+                          encode_direct(tiny, [f"This is a {w} photo" for w in adjs])])
+    groups = ["noun"] * len(cands) + ["adj"] * len(adjs)
+    idx = direct_mine(id_emb, cand_emb, 0.95, 0.5, groups, [False] * len(groups))
+    words = cands + adjs
+    assert det.negatives_ == [(words[i], groups[i]) for i in idx]
+    assert len(det.negatives_) == 9 + 5
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        img = F.normalize(tiny.model.encode_image(images), dim=-1).double().numpy()
+    expected = direct_neglabel(img @ id_emb.T, img @ cand_emb[idx].T, 0.01, 3, 1)
+    np.testing.assert_allclose(det.score(images), expected, atol=1e-5)
+
+
+def test_neglabel_save_load_needs_no_mining(tiny, small_lexicon, tmp_path, monkeypatch):
+    d, _, _ = small_lexicon
+    det = vlmood.NegLabel(tiny, ["cat", "dog"], lexicon=str(d), ratio=0.4, ngroups=2)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    before = det.score(images)
+    det.save(tmp_path / "neg.json")
+    data = json.loads((tmp_path / "neg.json").read_text())
+    assert data["negatives"][0].keys() == {"label", "pos"} and data["params"]["ngroups"] == 2
+    import vlmood.detectors.neglabel as mod
+
+    monkeypatch.setattr(mod, "mine", lambda *a, **k: pytest.fail("re-mined"))
+    loaded = vlmood.NegLabel.load(tmp_path / "neg.json", tiny)
+    np.testing.assert_allclose(loaded.score(images), before, rtol=1e-6)
+    assert loaded.negatives_ == det.negatives_
+    with pytest.warns(UserWarning, match="mined with another encoder"):
+        from vlmood.testing import tiny_encoder
+
+        vlmood.NegLabel.load(tmp_path / "neg.json", tiny_encoder(5))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(InvalidInputError, match="not a saved NegLabel detector"):
+        vlmood.NegLabel.load(tmp_path / "bad.json", tiny)
+
+
+def test_neglabel_bad_settings(tiny, small_lexicon):
+    d, _, _ = small_lexicon
+    with pytest.raises(InvalidInputError, match="ratio must be in \\(0, 1\\], got 0"):
+        vlmood.NegLabel(tiny, ["cat"], lexicon=str(d), ratio=0.0)
+    with pytest.raises(InvalidInputError, match="only 5 negatives were mined but ngroups=100"):
+        vlmood.NegLabel(tiny, ["cat"], lexicon=str(d), ratio=0.2).fit()
+    with pytest.raises(InvalidInputError, match="unknown lexicon selection 'wordnet-9'"):
+        vlmood.NegLabel(tiny, ["cat"], lexicon="wordnet-9").fit()
+
+
+def test_csp_pool_and_detector(tiny, small_lexicon, tmp_path):
+    d, nouns, adjs = small_lexicon
+    (d / "noun.person.txt").write_text("farmer\nsailor\n")
+    pool = candidate_pool("csp", str(d), seed=0)
+    assert "farmer" not in pool.labels and "cat" in pool.labels  # CSP excludes noun.person
+    conj = [lb for lb, p in zip(pool.labels, pool.pos) if p == "adj"]
+    assert [c.split(" ")[0] for c in conj] == adjs
+    import random
+
+    rng = random.Random(0)
+    assert [c.split(" ", 1)[1] for c in conj] == [rng.choice(CSP_SUPERCLASSES) for _ in adjs]
+    det = vlmood.CSP(tiny, ["cat", "dog"], lexicon=str(d), ratio=0.5, ngroups=2).fit()
+    assert len(det.templates) == 8 and all(p in ("noun", "adj") for _, p in det.negatives_)
+    assert any(" " in w and w.split(" ", 1)[1] in CSP_SUPERCLASSES for w, p in det.negatives_ if p == "adj")
+    s = det.score(torch.randn(3, 3, 32, 32))
+    assert s.shape == (3,) and np.all((s > 0) & (s <= 1))
+
+
+def test_imagenet_neglabel_count_follows_rule(tiny):
+    """The default lexicon with the ImageNet-1k names: floor(15%) of each part of speech after removing ID names."""
+    det = vlmood.NegLabel(tiny, "imagenet1k").fit()
+    lex = lexicons.load("neglabel")
+    names = {c.lower() for c in vlmood.load_classes("imagenet1k")}
+    kept = [p for w, p in zip(lex.words, lex.pos) if w not in names]
+    expected = math.floor(0.15 * kept.count("noun")) + math.floor(0.15 * kept.count("adj"))
+    assert len(det.negatives_) == expected and 10_000 < expected < 11_000
+
+
+def test_cli_mine_negatives(tiny, small_lexicon, tmp_path):
+    d, _, _ = small_lexicon
+    ckpt = tmp_path / "t.safetensors"
+    tiny.save(ckpt)
+    spec = f"open_clip:vlmood-tiny-vit@{ckpt}"
+    assert main(["mine-negatives", "--model", spec, "--classes", "cat,dog", "--lexicon", str(d), "--ratio", "0.5",
+                 "--out", str(tmp_path / "neg.txt")]) == 0
+    lines = [ln for ln in (tmp_path / "neg.txt").read_text().splitlines() if not ln.startswith("#")]
+    assert len(lines) == 9 + 5 and all(ln.split("\t")[1] in ("noun", "adj") for ln in lines)
+    assert main(["mine-negatives", "--model", spec, "--classes", "cat,dog", "--lexicon", str(d), "--ratio", "0.5",
+                 "--out", str(tmp_path / "neg.json")]) == 0
+    assert len(vlmood.NegLabel.load(tmp_path / "neg.json", tiny).negatives_) == 14
