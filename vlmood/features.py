@@ -190,7 +190,7 @@ def extract_features(
     order = [i for i in range(n) if i in vecs]
     if not order:
         raise InvalidInputError(f"no readable images in {src.name!r}: all {n} failed to load")
-    rows = torch.stack([vecs[i] for i in order]) if order else torch.empty(0, d)
+    rows = torch.stack([vecs[i] for i in order])
     g = rows[:, :d].contiguous()
     loc = rows[:, d:].reshape(len(order), -1, d).contiguous() if local else None
     return Features(
