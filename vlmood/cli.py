@@ -1,4 +1,4 @@
-"""Command-line interface: ``vlmood score``, ``vlmood eval``, ``vlmood mine-negatives``, ``vlmood embed-texts``."""
+"""Command-line interface: ``vlmood score``, ``eval``, ``demo``, ``mine-negatives``, ``embed-texts``."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     v.add_argument("--workers", type=int, default=None, help="decoding workers (default min(4, cpus-1))")
     v.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+
+    dm = sub.add_parser("demo", help="zero-shot OOD detection in the toy world with every detector (offline)",
+                        description="Runs MCM, GL-MCM, Energy, MaxLogit, NegLabel and CSP with the shipped toy-world "
+                                    "CLIP on generated images (6 ID shapes vs 6 other shapes and empty backgrounds) "
+                                    "and writes the report.")
+    dm.add_argument("--report", default="vlmood-demo", metavar="DIR", help="output folder (default vlmood-demo)")
+    dm.add_argument("--n", type=int, default=300, help="images per set (default 300)")
+    dm.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
     n = sub.add_parser("mine-negatives", help="mine NegLabel/CSP negative labels for a class list",
                        description="Mine negative labels from a lexicon; .txt output lists 'label<TAB>pos' lines, "
@@ -205,6 +213,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import toyworld
+    from .encoders import load_encoder
+
+    if args.n < 10:
+        raise _UsageError(f"--n must be at least 10, got {args.n}")
+    encoder = load_encoder("toyworld", device=args.device)
+    report = toyworld.benchmark(args.n).run(encoder, toyworld.demo_detectors())
+    paths = report.save(args.report)
+    print(report.to_markdown())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def _cmd_mine_negatives(args: argparse.Namespace) -> int:
     from .detectors import NegLabel
     from .encoders import load_encoder, parse_spec
@@ -263,7 +285,7 @@ class _UsageError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"score": _cmd_score, "eval": _cmd_eval, "mine-negatives": _cmd_mine_negatives,
+    commands = {"score": _cmd_score, "eval": _cmd_eval, "demo": _cmd_demo, "mine-negatives": _cmd_mine_negatives,
                 "embed-texts": _cmd_embed_texts}
     try:
         return commands[args.command](args)

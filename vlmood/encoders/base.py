@@ -65,6 +65,7 @@ class EncoderSpec:
         open_clip:ARCH@/path/to/ckpt   local weights (.safetensors, .pt, .bin)
         open_clip:hf-hub:ORG/REPO      an open_clip model on the Hugging Face hub
         hf:MODEL_ID_OR_DIR             a transformers CLIPModel / SiglipModel
+        toyworld                       the tiny CLIP vlmood ships, trained on its toy world
     """
 
     backend: str  # "open_clip" | "hf"
@@ -87,6 +88,10 @@ def parse_spec(spec: str) -> EncoderSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidInputError(f"empty model spec {spec!r}; expected e.g. 'open_clip:ViT-B-16/openai' or 'hf:DIR'")
     spec = spec.strip()
+    if spec == "toyworld":
+        from ..toyworld import ARCH, CHECKPOINT
+
+        return EncoderSpec("open_clip", ARCH, checkpoint=CHECKPOINT)
     backend, sep, rest = spec.partition(":")
     if not sep or backend not in ("open_clip", "hf"):
         raise InvalidInputError(

@@ -120,9 +120,12 @@ class OpenCLIPEncoder(Encoder):
 
     @property
     def supports_local(self) -> bool:
+        from open_clip.modified_resnet import ModifiedResNet
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
         v = self.model.visual
+        if isinstance(v, ModifiedResNet):
+            return getattr(v, "attnpool", None) is not None
         return (
             isinstance(v, VisionTransformer)
             and hasattr(v, "_embeds")
@@ -163,7 +166,21 @@ class OpenCLIPEncoder(Encoder):
     def _encode_image_batch(self, batch: torch.Tensor, local: bool):
         if not local:
             return self.model.encode_image(batch)
+        from open_clip.modified_resnet import ModifiedResNet
+
+        if isinstance(self.model.visual, ModifiedResNet):
+            return self._resnet_global_and_local(batch)
         return self._global_and_local(batch)
+
+    def _resnet_global_and_local(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ResNet towers: the attention pool's output, and per position of the last feature map its value
+        path ``c_proj(v_proj(x))`` without query-key attention or positional embedding (as GL-MCM does for RN50)."""
+        v = self.model.visual
+        x = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(batch.to(v.conv1.weight.dtype))))))
+        pooled = v.attnpool(x)
+        ap = v.attnpool
+        tokens = x.flatten(2).transpose(1, 2)  # [N, H*W, C]
+        return pooled, ap.c_proj(ap.v_proj(tokens))
 
     def _global_and_local(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global features and GL-MCM local features of a ViT tower.
@@ -353,5 +370,10 @@ def load_open_clip(
         raise EncoderLoadError(f"could not build {spec}: {type(e).__name__}: {e}") from e
     if spec.checkpoint is not None:
         load_matching_state_dict(model, read_state_dict(spec.checkpoint), str(spec.checkpoint), arch)
-    tokenizer = open_clip.get_tokenizer(arch)
+    if arch == "vlmood-toyworld":  # the toy world's word-level tokenizer, vocabulary stored beside the weights
+        from ..toyworld import tokenizer_for
+
+        tokenizer = tokenizer_for(spec.checkpoint)
+    else:
+        tokenizer = open_clip.get_tokenizer(arch)
     return OpenCLIPEncoder(model.to(dev), preprocess, tokenizer, spec, dev, prec)

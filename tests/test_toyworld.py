@@ -1,0 +1,103 @@
+"""The toy world, its tokenizer, and the shipped model: loading path, exactness, and end-to-end quality floors.
+
+The floors sit a little below what the shipped checkpoint measured (see vlmood/toyworld/assets/toyworld.json and
+the demo), so a regression in any detector, the text cache or the encoders fails here.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlmood
+from vlmood import toyworld
+from vlmood.toyworld.tokenizer import WorldTokenizer
+from vlmood.toyworld.world import SHAPES, World, shape_mask
+
+
+def test_world_is_deterministic_and_captions_name_the_shape():
+    a_img, a_cap, a_sc = World(7).batch(40)
+    b_img, b_cap, _ = World(7).batch(40)
+    c_img, _, _ = World(8).batch(40)
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap and not np.array_equal(a_img, c_img)
+    assert a_img.shape == (40, 64, 64, 3) and a_img.dtype == np.uint8
+    for cap, sc in zip(a_cap, a_sc):
+        if sc.shape is None:
+            assert "background" in cap
+        else:
+            assert sc.shape in cap or toyworld.world._PLURAL[sc.shape] in cap
+
+
+def test_every_shape_has_a_distinct_mask():
+    yy, xx = np.mgrid[-1.2:1.2:64j, -1.2:1.2:64j]
+    masks = {s: shape_mask(s, xx, -yy) for s in SHAPES}
+    for s, m in masks.items():
+        assert 0.1 < m.mean() < 0.8, s
+    for i, s in enumerate(SHAPES):
+        for t in SHAPES[i + 1:]:
+            assert (masks[s] != masks[t]).mean() > 0.03, (s, t)
+
+
+def test_tokenizer_ids():
+    tok = WorldTokenizer(["a", "red", "star"], vocab_size=16, context_length=6)
+    ids = tok(["A red star.", "a zebra", "a red star a red star"])
+    assert ids[0].tolist() == [1, 3, 4, 5, 15, 0]
+    assert ids[1].tolist() == [1, 3, 2, 15, 0, 0]  # unknown word -> 2
+    assert ids[2].tolist() == [1, 3, 4, 5, 3, 15]  # truncated, end token kept last
+    assert (ids.argmax(dim=1) == torch.tensor([4, 3, 5])).all()  # argmax pooling finds the end token
+    with pytest.raises(ValueError, match="do not fit"):
+        WorldTokenizer(["w"] * 20, vocab_size=16)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return vlmood.load_encoder("toyworld", device="cpu")
+
+
+def test_shipped_model_loads_through_the_ordinary_path(toy, tmp_path):
+    assert toy.spec.name == "vlmood-toyworld" and toy.supports_local and toy.exact_text_trimming
+    same = vlmood.load_encoder(f"open_clip:vlmood-toyworld@{toyworld.CHECKPOINT}")
+    assert same.fingerprint == toy.fingerprint
+    texts = ["a photo of a star.", "two green hearts on a noisy background", "an empty gray background"]
+    got = toy.encode_texts(texts)
+    with torch.inference_mode():
+        full = F.normalize(toy.model.encode_text(toy.tokenizer(texts)), dim=-1)
+    assert (got - full).abs().max() <= 1e-5
+    imgs, _ = toyworld.load_images(5, 3)
+    g, loc = toy.encode_images(imgs, local=True)
+    assert loc.shape == (3, 4, g.shape[1])  # 2x2 positions of the last ResNet feature map
+    assert torch.allclose(g, toy.encode_images(imgs), atol=1e-5)
+
+
+def test_resnet_local_features_are_the_value_path(toy):
+    imgs, _ = toyworld.load_images(6, 2)
+    x = torch.stack([toy.preprocess(i) for i in imgs])
+    _, loc = toy.encode_images(x, local=True)
+    v = toy.model.visual
+    with torch.inference_mode():
+        fmap = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))  # [N, C, 2, 2]
+        ap = v.attnpool
+        tokens = fmap.flatten(2).transpose(1, 2)
+        expected = tokens @ ap.v_proj.weight.T + ap.v_proj.bias
+        expected = expected @ ap.c_proj.weight.T + ap.c_proj.bias
+    assert torch.allclose(loc, F.normalize(expected, dim=-1), atol=1e-5)
+
+
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+    """Executes the notebook's code cells in order (IPython's display is stubbed when Jupyter is absent)."""
+    import json
+    import sys
+    import types
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb").read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    shown = []
+    if "IPython.display" not in sys.modules:
+        fake = types.ModuleType("IPython.display")
+        fake.Image = lambda filename: filename
+        fake.display = shown.append
+        monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
+        monkeypatch.setitem(sys.modules, "IPython.display", fake)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "quickstart.ipynb", "exec"), {})
+    assert (tmp_path / "quickstart-report" / "report.md").is_file()
