@@ -83,9 +83,17 @@ def feature_namespace(encoder: "Encoder", local: bool) -> str:
            f"{_FEATURE_ENGINE_VERSION}"
 
 
+_default_feature_caches: dict[str, EmbeddingCache] = {}
+
+
 def _feature_cache(cache: CacheArg) -> EmbeddingCache | None:
-    if cache is True:
-        return EmbeddingCache(kind="features")
+    if cache is True:  # one instance per root, so verified shards are not re-hashed on every call
+        from ._paths import cache_root
+
+        root = str(cache_root())
+        if root not in _default_feature_caches:
+            _default_feature_caches[root] = EmbeddingCache(root, kind="features")
+        return _default_feature_caches[root]
     if cache is None or cache is False:
         return None
     if isinstance(cache, EmbeddingCache):

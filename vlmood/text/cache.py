@@ -22,7 +22,7 @@ import os
 import uuid
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -107,44 +107,49 @@ class EmbeddingCache:
         for shard in sorted(folder.glob("*.safetensors")):
             if not want:
                 break
-            tensors = self._load_shard(shard, index.get(shard.name))
-            if tensors is None:
+            loaded = self._load_hits(shard, index.get(shard.name), want)
+            if loaded is None:
                 continue
-            keys = tensors["keys"].numpy()
-            rows = {bytes(k): r for r, k in enumerate(keys)}
-            hit = [k for k in want if k in rows]
-            if not hit:
-                continue
-            emb = tensors["emb"]
-            for k in hit:
-                vec = emb[rows[k]].float()
+            rows, emb = loaded
+            for k, r in rows.items():
+                vec = emb[r].float()
                 for i in want.pop(k):
                     found[i] = vec
         return found
 
-    def _load_shard(self, shard: Path, entry: dict | None) -> dict[str, torch.Tensor] | None:
+    def _load_hits(self, shard: Path, entry: dict | None, want: dict[bytes, Any]):
+        """``({key: row}, emb)`` for the wanted keys this shard holds, or None. The embeddings of a shard are
+        read (and its checksum verified, once per process) only when it holds a wanted key."""
         from safetensors import safe_open
 
         try:
             st = shard.stat()
             with safe_open(str(shard), framework="pt") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in ("keys", "emb")}
+                keys = f.get_tensor("keys")
+                rows = {}
+                for r, k in enumerate(keys.numpy()):
+                    kb = k.tobytes()
+                    if kb in want:
+                        rows[kb] = r
+                if not rows:
+                    return None
+                emb = f.get_tensor("emb")
             stamp = (st.st_size, st.st_mtime_ns)
             if self._verified.get(shard) != stamp:
                 expected = meta.get("checksum")
-                if not expected or _checksum(tensors["keys"], tensors["emb"]) != expected:
+                if not expected or _checksum(keys, emb) != expected:
                     raise ValueError("checksum mismatch")
                 if entry is not None and entry.get("checksum") != expected:
                     raise ValueError("checksum differs from the index")
                 self._verified[shard] = stamp
-            return tensors
+            return rows, emb
         except FileNotFoundError:
             return None  # removed by a concurrent process
         except Exception as e:
             warnings.warn(
-                f"text-embedding cache shard {shard} is corrupted ({type(e).__name__}: {e}); "
-                "removing it, its prompts will be recomputed",
+                f"{self.kind} cache shard {shard} is corrupted ({type(e).__name__}: {e}); "
+                "removing it, its entries will be recomputed",
                 stacklevel=4,
             )
             with contextlib.suppress(OSError):
