@@ -92,12 +92,53 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     nb = json.loads((Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb").read_text())
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     shown = []
-    if "IPython.display" not in sys.modules:
+    try:
+        import IPython.display  # noqa: F401
+    except ImportError:  # no Jupyter here: a stand-in display that records what would be shown
         fake = types.ModuleType("IPython.display")
         fake.Image = lambda filename: filename
         fake.display = shown.append
-        monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
+        ipython = types.ModuleType("IPython")
+        ipython.get_ipython = lambda: None  # matplotlib asks for these
+        ipython.version_info = (9, 0)
+        monkeypatch.setitem(sys.modules, "IPython", ipython)
         monkeypatch.setitem(sys.modules, "IPython.display", fake)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "quickstart.ipynb", "exec"), {})
     assert (tmp_path / "quickstart-report" / "report.md").is_file()
+
+
+# ------------------------------------------------------------------ quality floors of the shipped model
+# Measured with the shipped checkpoint on toyworld.benchmark(n=200, seed=777) (CPU, fp32); floors a little lower.
+FLOORS = {  # method: (near AUROC, far AUROC); measured:
+    "mcm": (0.93, 0.99),  # 0.958, 1.000
+    "glmcm": (0.90, 0.99),  # 0.932, 1.000
+    "energy": (0.92, 0.91),  # 0.952, 0.940
+    "maxlogit": (0.92, 0.92),  # 0.955, 0.946
+    "neglabel": (0.97, 0.97),  # 0.993, 0.990
+    "neglabel (no shape nouns)": (0.94, 0.97),  # 0.971, 1.000
+    "csp": (0.97, 0.97),  # 0.994, 0.990
+}
+
+
+@pytest.fixture(scope="module")
+def world_report(toy):
+    return toyworld.benchmark(n=200, seed=777).run(toy, toyworld.demo_detectors(), progress=False)
+
+
+@pytest.mark.parametrize("method", list(FLOORS))
+def test_detector_quality_floor(world_report, method):
+    near, far = FLOORS[method]
+    assert world_report.metric(method, "other shapes", "auroc") >= near
+    assert world_report.metric(method, "empty backgrounds", "auroc") >= far
+
+
+def test_zero_shot_accuracy_floor(toy, world_report):
+    imgs, labels = toyworld.load_images(4242, 600)
+    pred = vlmood.MCM(toy, list(toyworld.ID_SHAPES)).classify(imgs)
+    acc = float(np.mean([toyworld.ID_SHAPES[p] == lb for p, lb in zip(pred, labels)]))
+    assert acc >= 0.96  # measured 0.983
+    assert world_report.id_accuracy["mcm"] >= 0.96  # measured 0.995
+    twelve, labels12 = toyworld.load_images(4243, 600, shapes=SHAPES)
+    pred12 = vlmood.MCM(toy, list(SHAPES)).classify(twelve)
+    assert float(np.mean([SHAPES[p] == lb for p, lb in zip(pred12, labels12)])) >= 0.90  # measured 0.937

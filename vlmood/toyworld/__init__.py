@@ -50,11 +50,11 @@ def write_lexicon(folder: str | Path) -> None:
         (folder / f"{name}.txt").write_text(f"# toy world {name}\n" + "\n".join(words) + "\n")
 
 
-def load_images(world_seed: int, n: int, shapes=ID_SHAPES, empty: bool = False):
+def load_images(seed: int, n: int, shapes=ID_SHAPES, empty: bool = False):
     """``n`` PIL images (and their shape names) of the given shapes, or of empty backgrounds."""
     from PIL import Image
 
-    world = World(world_seed, shapes=shapes, p_empty=0.0)
+    world = World(seed, shapes=shapes, p_empty=0.0)
     arrays, _, scenes = world.batch(n, empty=True if empty else False)
     return [Image.fromarray(a) for a in arrays], [s.shape for s in scenes]
 
