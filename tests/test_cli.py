@@ -53,6 +53,12 @@ def test_score_writes_rows_and_skips_bad_images(setup, tmp_path, capsys, method)
     assert "skipped 1" in capsys.readouterr().out
 
 
+def test_score_checks_outputs_and_local_features_first(setup, tmp_path, capsys):
+    spec, imgs = setup
+    assert main(["score", "--model", spec, "--classes", "cat,dog", "--images", str(imgs), "--out", str(imgs)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
 def test_score_raise_stops_on_bad_image(setup, tmp_path, capsys):
     spec, imgs = setup
     rc = main(["score", "--model", spec, "--classes", "cat,dog", "--images", str(imgs), "--out", str(tmp_path / "o.csv")])
@@ -96,7 +102,7 @@ def test_bad_arguments_exit_2_with_one_line(args, needle):
 
 
 def test_help_everywhere():
-    for args in (["--help"], ["score", "--help"], ["eval", "--help"], ["mine-negatives", "--help"],
+    for args in (["--help"], ["score", "--help"], ["eval", "--help"], ["demo", "--help"], ["mine-negatives", "--help"],
                  ["embed-texts", "--help"]):
         r = run_cli(*args)
         assert r.returncode == 0 and "usage: vlmood" in r.stdout

@@ -99,6 +99,9 @@ def test_sources(tmp_path):
     (tmp_path / "bad.csv").write_text("path\na/1.png\nmissing.png\n")
     with pytest.raises(InvalidInputError, match="1 missing file.*missing.png"):
         list_images(tmp_path / "bad.csv")
+    (tmp_path / "nopath.csv").write_text("label,path\ncat,a/1.png\ndog\n")
+    with pytest.raises(InvalidInputError, match="nopath.csv line 3 has no path"):
+        list_images(tmp_path / "nopath.csv")
     with pytest.raises(InvalidInputError, match="not found"):
         list_images(tmp_path / "nothing_here")
     with pytest.raises(InvalidInputError, match="matches no files"):

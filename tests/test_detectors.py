@@ -81,6 +81,11 @@ def test_make_detector_and_errors(tiny):
         MCM(tiny, ["cat", "cat"])
     with pytest.raises(InvalidInputError, match="empty"):
         MCM(tiny, [])
+    with pytest.raises(InvalidInputError, match="MCM needs at least 2 ID classes"):
+        MCM(tiny, "cat,")
+    with pytest.raises(InvalidInputError, match="did you mean imagenet1k"):
+        MCM(tiny, "imagenet")
+    assert vlmood.Energy(tiny, "cat,").classes == ["cat"]  # one class is fine where it means something
 
 
 def test_text_embeddings_come_from_cache(tiny, images, monkeypatch):

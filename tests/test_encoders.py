@@ -138,6 +138,34 @@ def test_long_prompt_is_truncated_with_warning(tiny):
     assert (out[0] - full[0]).abs().max() <= 1e-5
 
 
+def test_inexact_trimming_is_caught_and_never_kept(monkeypatch, tmp_path):
+    """If a tower variant made trimming inexact, the first batch is recomputed in full and nothing wrong is cached."""
+    from vlmood.text import EmbeddingCache
+
+    enc = tiny_encoder(0)
+    real = type(enc)._encode_trimmed
+    monkeypatch.setattr(type(enc), "_encode_trimmed", lambda self, t, n: real(self, t, n) + 0.5)
+    texts = ["a cat.", "a big red bus.", "x"]
+    cache = EmbeddingCache(tmp_path / "c")
+    with pytest.warns(UserWarning, match="falling back to full-context encoding"):
+        got = enc.encode_texts(texts, cache=cache)
+    with torch.inference_mode():
+        full = F.normalize(enc.model.encode_text(enc.tokenizer(texts)), dim=-1)
+    assert not enc.exact_text_trimming
+    assert (got - full).abs().max() <= 1e-5
+    assert (enc.encode_texts(texts, cache=cache) - full).abs().max() <= 1e-5  # the cached copy is exact too
+
+
+def test_device_errors():
+    from vlmood.encoders import resolve_device
+
+    with pytest.raises(InvalidInputError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInputError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
 def test_non_causal_tower_falls_back_to_full_length(tiny):
     enc = tiny_encoder(0)
     enc.model.attn_mask = None  # a bidirectional tower: trimming would not be exact

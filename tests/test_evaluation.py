@@ -90,6 +90,8 @@ def test_map_labels():
 def test_bad_benchmarks(tiny, world):
     with pytest.raises(InvalidInputError, match="no OOD sets"):
         Benchmark(id=world / "id", ood={}, classes=["red", "blue"])
+    with pytest.raises(InvalidInputError, match="not 'ID'"):
+        Benchmark(id=world / "id", ood={"ID": world / "green"}, classes=["red", "blue"])
     with pytest.raises(InvalidInputError, match="OOD group 'near' is empty"):
         Benchmark(id=world / "id", ood={"near": {}}, classes=["red", "blue"])
     (world / "empty").mkdir()
@@ -145,3 +147,11 @@ def test_cli_eval_writes_report(tiny, world, capsys):
     assert main(["eval", "--model", f"open_clip:{TINY_ARCH}@{ckpt}", "--classes", "a,b", "--id", "x",
                  "--ood", "nonsense", "--report", "r"]) == 2
     assert "--ood expects [GROUP/]NAME=SOURCE" in capsys.readouterr().err
+    for bad, needle in ((["--ood", f"ID={world / 'green'}"], "other than 'ID'"),
+                        (["--ood", f"g={world / 'green'}", "--workers", "-1"], "--workers must be >= 0"),
+                        (["--ood", f"g={world / 'green'}", "--methods", "knn"], "unknown method 'knn'"),
+                        (["--ood", f"g={world / 'green'}", "--report", str(ckpt)], "is not a folder")):
+        args = ["eval", "--model", f"open_clip:{TINY_ARCH}@{ckpt}", "--classes", "red,blue", "--id",
+                str(world / "id"), "--report", str(world / "rep2"), *bad]
+        assert main(args) == 2
+        assert needle in capsys.readouterr().err

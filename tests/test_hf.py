@@ -64,6 +64,14 @@ def test_hf_images_and_detector(hf_dir):
     assert s.shape == (1,) and 0.5 <= s[0] <= 1.0
 
 
+def test_hf_has_no_local_features(hf_dir):
+    from vlmood.errors import InvalidInputError
+
+    enc = vlmood.load_encoder(f"hf:{hf_dir}", device="cpu")
+    with pytest.raises(InvalidInputError, match="no local .per-patch. features"):
+        vlmood.GLMCM(enc, ["cat", "dog"]).score([Image.new("RGB", (32, 32))])
+
+
 def test_hf_missing_model_is_explained(tmp_path):
     with pytest.raises(EncoderLoadError, match="could not load the config of local folder"):
         vlmood.load_encoder(f"hf:{tmp_path}")

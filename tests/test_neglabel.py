@@ -241,5 +241,14 @@ def test_cli_mine_negatives(tiny, small_lexicon, tmp_path):
     lines = [ln for ln in (tmp_path / "neg.txt").read_text().splitlines() if not ln.startswith("#")]
     assert len(lines) == 9 + 5 and all(ln.split("\t")[1] in ("noun", "adj") for ln in lines)
     assert main(["mine-negatives", "--model", spec, "--classes", "cat,dog", "--lexicon", str(d), "--ratio", "0.5",
-                 "--out", str(tmp_path / "neg.json")]) == 0
-    assert len(vlmood.NegLabel.load(tmp_path / "neg.json", tiny).negatives_) == 14
+                 "--ngroups", "2", "--out", str(tmp_path / "neg.json")]) == 0
+    loaded = vlmood.NegLabel.load(tmp_path / "neg.json", tiny)
+    assert len(loaded.negatives_) == 14 and loaded.ngroups == 2
+    direct = vlmood.NegLabel(tiny, ["cat", "dog"], lexicon=str(d), ratio=0.5, ngroups=2)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    np.testing.assert_allclose(loaded.score(images), direct.score(images), rtol=1e-6)
+    # settings are checked before the model loads
+    assert main(["mine-negatives", "--model", spec, "--classes", "cat,dog", "--percentile", "1.5",
+                 "--out", str(tmp_path / "x.txt")]) == 2
+    assert main(["mine-negatives", "--model", spec, "--classes", "cat,dog", "--lexicon", "nope",
+                 "--out", str(tmp_path / "x.txt")]) == 2

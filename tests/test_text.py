@@ -119,6 +119,12 @@ def test_corrupted_shard_is_detected_and_recomputed(tiny, tmp_path, damage):
         embed_texts(tiny, PROMPTS, cache=EmbeddingCache(tmp_path / "c"))
 
 
+def test_fp16_and_fp32_entries_never_mix(tiny, tmp_path):
+    embed_texts(tiny, PROMPTS, cache=EmbeddingCache(tmp_path / "c", dtype="float16"))
+    exact = embed_texts(tiny, PROMPTS, cache=EmbeddingCache(tmp_path / "c"))  # float32: computed, not fp16 hits
+    assert torch.equal(exact, embed_texts(tiny, PROMPTS))
+
+
 def test_fp16_storage(tiny, tmp_path):
     cache = EmbeddingCache(tmp_path / "c", dtype="float16")
     exact = embed_texts(tiny, PROMPTS, cache=cache)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import sys
 from pathlib import Path
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--pool", choices=("neglabel", "csp"), default="neglabel", help="candidate pool (default neglabel)")
     n.add_argument("--percentile", type=float, default=0.95, help="similarity quantile (default 0.95)")
     n.add_argument("--ratio", type=float, default=0.15, help="fraction kept per part of speech (default 0.15)")
+    n.add_argument("--ngroups", type=int, default=100,
+                   help="groups a saved .json detector scores with (default 100; at most the number of negatives)")
     n.add_argument("--out", required=True, metavar="FILE", help="negatives.txt or detector.json")
 
     e = sub.add_parser("embed-texts", help="fill the text-embedding cache ahead of time",
@@ -100,75 +103,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_output_file(path: str, flag: str) -> Path:
+    out = Path(path)
+    if out.is_dir():
+        raise _UsageError(f"{flag} {path} is a folder; give a file path")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise _UsageError(f"{flag}: cannot write into {parent}")
+    return out
+
+
+def _check_output_dir(path: str, flag: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise _UsageError(f"{flag} {path} exists and is not a folder")
+    return out
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    if getattr(args, "batch_size", 1) < 1:
+        raise _UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        raise _UsageError(f"--workers must be >= 0, got {args.workers}")
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
-    from .data import iter_decoded, list_images
+    from .data import PathSource, list_images
     from .detectors import make_detector
     from .encoders import load_encoder, parse_spec
+    from .features import extract_features
     from .text import load_classes, load_templates
 
-    if args.batch_size < 1:
-        raise _UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_counts(args)
     # cheap checks first: a typo should not wait for a model to load
     spec = parse_spec(args.model)
     classes = load_classes(args.classes)
     templates = load_templates(args.templates) if args.templates else None  # None: the method's own default
+    out = _check_output_file(args.out, "--out")
     items = list_images(args.images)
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
-    det = make_detector(args.method, encoder, classes, templates=templates).fit()
+    det = make_detector(args.method, encoder, classes, templates=templates)
+    if det.needs_local:
+        encoder.require_local()
+    det.fit()
+    feats = extract_features(encoder, PathSource(items, name=str(args.images)), local=det.needs_local,
+                             batch_size=args.batch_size, on_error=args.on_error)
+    for path, err in feats.errors:
+        print(f"vlmood: skipped: {err}", file=sys.stderr)
+    scores = det.score_features(feats)
+    labels = det.classify_features(feats)
+    row = {path: i for i, path in enumerate(feats.ids)}
+    errors = dict(feats.errors)
 
-    errors: dict[int, str] = {}
-    feats, locs, kept = [], [], []
-    batch, batch_idx = [], []
+    from .text.cache import atomic_write_bytes
 
-    def flush() -> None:
-        if not batch:
-            return
-        out = encoder.encode_images(torch.stack(batch), local=det.needs_local)
-        g, loc = out if det.needs_local else (out, None)
-        feats.append(g)
-        if loc is not None:
-            locs.append(loc)
-        kept.extend(batch_idx)
-        batch.clear()
-        batch_idx.clear()
-
-    for i, (item, image, err) in enumerate(iter_decoded(items, on_error=args.on_error)):
-        if err is not None:
-            errors[i] = err
-            print(f"vlmood: skipped: {err}", file=sys.stderr)
-            continue
-        batch.append(encoder.preprocess(image))
-        batch_idx.append(i)
-        if len(batch) >= args.batch_size:
-            flush()
-    flush()
-
-    scores = np.full(len(items), np.nan)
-    labels = np.full(len(items), -1)
-    if kept:
-        g = torch.cat(feats)
-        loc = torch.cat(locs) if locs else None
-        scores[kept] = det.score_features(g, loc)
-        labels[kept] = det.classify_features(g)
-
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "class", "score", "is_ood", "error"])
-        for i, item in enumerate(items):
-            if i in errors:
-                w.writerow([item.path, "", "", "", errors[i]])
-                continue
-            is_ood = "" if args.threshold is None else int(scores[i] < args.threshold)
-            w.writerow([item.path, det.classes[labels[i]], f"{scores[i]:.8g}", is_ood, ""])
-    os.replace(tmp, out)
-    n_ood = "" if args.threshold is None else f", {int(np.sum(scores[kept] < args.threshold))} flagged OOD"
-    print(f"scored {len(kept)} image(s) with {args.method}{n_ood}; skipped {len(errors)}; wrote {out}")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "class", "score", "is_ood", "error"])
+    for item in items:
+        if item.path in errors:
+            w.writerow([item.path, "", "", "", errors[item.path]])
+            continue
+        k = row[item.path]
+        is_ood = "" if args.threshold is None else int(scores[k] < args.threshold)
+        w.writerow([item.path, det.classes[labels[k]], f"{scores[k]:.8g}", is_ood, ""])
+    atomic_write_bytes(out, buf.getvalue().encode())
+    n_ood = "" if args.threshold is None else f", {int(np.sum(scores < args.threshold))} flagged OOD"
+    print(f"scored {len(feats)} image(s) with {args.method}{n_ood}; skipped {len(errors)}; wrote {out}")
     return 0
 
 
@@ -179,19 +183,22 @@ def _parse_ood(values: list[str]) -> dict[str, dict[str, str]]:
         if not sep or not key or not src:
             raise _UsageError(f"--ood expects [GROUP/]NAME=SOURCE, got {v!r}")
         group, _, name = key.rpartition("/")
+        if not name.strip() or name == "ID":
+            raise _UsageError(f"--ood {v!r}: the set needs a name other than 'ID'")
         groups.setdefault(group or "ood", {})[name] = src
     return groups
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .detectors import DETECTORS
+    from .detectors import canonical_method
     from .encoders import load_encoder, parse_spec
     from .evaluation import Benchmark, load_suite
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m.lower().replace("-", "") not in DETECTORS]
-    if unknown or not methods:
-        raise _UsageError(f"unknown method(s) {unknown or args.methods!r}; choose from {', '.join(sorted(DETECTORS))}")
+    _check_counts(args)
+    methods = [canonical_method(m.strip()) for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise _UsageError("--methods is empty")
+    _check_output_dir(args.report, "--report")
     spec = parse_spec(args.model)
     if args.suite:
         if not args.root:
@@ -232,12 +239,21 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
     from .encoders import load_encoder, parse_spec
     from .text import load_classes
 
+    from . import lexicons
+
     spec = parse_spec(args.model)
     classes = load_classes(args.classes)
+    out = _check_output_file(args.out, "--out")
+    if not 0.0 <= args.percentile <= 1.0:
+        raise _UsageError(f"--percentile must be in [0, 1], got {args.percentile}")
+    if not 0.0 < args.ratio <= 1.0:
+        raise _UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
+    if args.ngroups < 1:
+        raise _UsageError(f"--ngroups must be >= 1, got {args.ngroups}")
+    lexicons.load(args.lexicon)  # a bad lexicon fails before the model loads
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
     det = NegLabel(encoder, classes, lexicon=args.lexicon, pool=args.pool, percentile=args.percentile,
-                   ratio=args.ratio, ngroups=1).fit()
-    out = Path(args.out)
+                   ratio=args.ratio, ngroups=args.ngroups if out.suffix == ".json" else 1).fit()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         det.save(out)
@@ -260,6 +276,7 @@ def _cmd_embed_texts(args: argparse.Namespace) -> int:
     from .text import class_prompts, embed_texts, load_classes, load_templates
     from .text.embed import default_cache
 
+    _check_counts(args)
     if not args.prompts and not args.classes:
         raise _UsageError("give --prompts FILE and/or --classes FILE_OR_LIST")
     prompts: list[str] = []

@@ -139,7 +139,9 @@ def _read_manifest(path: Path) -> list[ImageItem]:
     else:
         pi, li = 0, (1 if len(rows[0]) > 1 else None)
     items, missing = [], []
-    for r in rows:
+    for n, r in enumerate(rows, start=2 if "path" in header else 1):
+        if pi >= len(r) or not r[pi].strip():
+            raise InvalidInputError(f"manifest {path} line {n} has no path: {delim.join(r)!r}")
         full = Path(r[pi].strip()).expanduser()
         full = full if full.is_absolute() else path.parent / full
         if not full.exists():

@@ -79,7 +79,7 @@ def _collate(batch):
 
 def feature_namespace(encoder: "Encoder", local: bool) -> str:
     """Cache namespace: weights, precision, preprocessing and whether patch features are stored."""
-    return f"{encoder.fingerprint}|{encoder.precision}|{encoder.preprocess!r}|{'local' if local else 'global'}|" \
+    return f"{encoder.fingerprint}|{encoder.precision}|{encoder.preprocess_key}|{'local' if local else 'global'}|" \
            f"{_FEATURE_ENGINE_VERSION}"
 
 
@@ -133,8 +133,12 @@ def extract_features(
     """
     if on_error not in ("raise", "skip"):
         raise InvalidInputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if local and not encoder.supports_local:
-        raise NotImplementedError(f"{encoder.spec} has no local (per-patch) features: GL-MCM needs a ViT image tower")
+    if local:
+        encoder.require_local()
+    if batch_size is not None and batch_size < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers is not None and num_workers < 0:
+        raise InvalidInputError(f"num_workers must be >= 0, got {num_workers}")
     src = as_source(source, **source_kwargs)
     n = len(src)
     if n == 0:

@@ -92,8 +92,10 @@ def neglabel(id_sims: Any, neg_sims: Any, temperature: float = 0.01, ngroups: in
     ``id_sims`` ``[N, C]``, ``neg_sims`` ``[N, M]`` -> ``[N]`` in (0, 1], higher = more ID.
     """
     _check_positive(temperature, "temperature")
-    ids = _as_tensor(id_sims, 2, "id_sims")
-    neg = _as_tensor(neg_sims, 2, "neg_sims")
+    ids = id_sims if isinstance(id_sims, torch.Tensor) else np.asarray(id_sims)
+    neg = neg_sims if isinstance(neg_sims, torch.Tensor) else np.asarray(neg_sims)
+    if ids.ndim != 2 or neg.ndim != 2:
+        raise ValueError(f"id_sims and neg_sims must be 2-D, got {tuple(ids.shape)} and {tuple(neg.shape)}")
     if ids.shape[0] != neg.shape[0]:
         raise ValueError(f"id_sims has {ids.shape[0]} rows but neg_sims has {neg.shape[0]}")
     m = neg.shape[1]
@@ -104,7 +106,12 @@ def neglabel(id_sims: Any, neg_sims: Any, temperature: float = 0.01, ngroups: in
     order = torch.randperm(m, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(m)
     size = m // ngroups
     groups = order[: size * ngroups].view(ngroups, size)
-    lse_id = torch.logsumexp(ids / temperature, dim=1, keepdim=True)  # [N, 1]
-    lse_neg = torch.logsumexp((neg / temperature)[:, groups], dim=2)  # [N, ngroups]
-    # sum of ID softmax mass within a group = e^lse_id / (e^lse_id + e^lse_neg) = sigmoid(lse_id - lse_neg)
-    return torch.sigmoid(lse_id - lse_neg).mean(dim=1).numpy()
+    out = np.empty(ids.shape[0], dtype=np.float64)
+    for i in range(0, ids.shape[0], _CHUNK):  # bounded memory: float64 copies of 256 rows at a time
+        id_c = _as_tensor(ids[i : i + _CHUNK], 2, "id_sims")
+        neg_c = _as_tensor(neg[i : i + _CHUNK], 2, "neg_sims")
+        lse_id = torch.logsumexp(id_c / temperature, dim=1, keepdim=True)  # [n, 1]
+        lse_neg = torch.logsumexp((neg_c / temperature)[:, groups], dim=2)  # [n, ngroups]
+        # sum of ID softmax mass within a group = e^lse_id / (e^lse_id + e^lse_neg) = sigmoid(lse_id - lse_neg)
+        out[i : i + _CHUNK] = torch.sigmoid(lse_id - lse_neg).mean(dim=1).numpy()
+    return out

@@ -9,6 +9,7 @@ import torch
 from .. import scores
 from ..encoders.base import Encoder
 from .base import Detector
+from .mcm import _need_two_classes
 
 
 class GLMCM(Detector):
@@ -25,6 +26,7 @@ class GLMCM(Detector):
     def __init__(self, encoder: Encoder, classes: str | Sequence[str], templates: str | Sequence[str] | None = None,
                  temperature: float = 1.0, lam: float = 1.0, **kw: Any):
         super().__init__(encoder, classes, templates, **kw)
+        _need_two_classes(self)
         self.temperature = temperature
         self.lam = lam
 

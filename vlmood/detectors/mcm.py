@@ -8,7 +8,15 @@ import torch
 
 from .. import scores
 from ..encoders.base import Encoder
+from ..errors import InvalidInputError
 from .base import Detector
+
+
+def _need_two_classes(det: Detector) -> None:
+    if len(det.classes) < 2:
+        raise InvalidInputError(
+            f"{type(det).__name__} needs at least 2 ID classes (a softmax over one class is always 1); "
+            f"got {det.classes}. Use Energy, MaxLogit or NegLabel for a single class.")
 
 
 class MCM(Detector):
@@ -20,6 +28,7 @@ class MCM(Detector):
     def __init__(self, encoder: Encoder, classes: str | Sequence[str], templates: str | Sequence[str] | None = None,
                  temperature: float = 1.0, **kw: Any):
         super().__init__(encoder, classes, templates, **kw)
+        _need_two_classes(self)
         self.temperature = temperature
 
     def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:

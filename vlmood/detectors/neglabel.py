@@ -55,6 +55,8 @@ class NegLabel(Detector):
         super().__init__(encoder, classes, templates if templates is not None else d["templates"], **kw)
         if not 0.0 < ratio <= 1.0:
             raise InvalidInputError(f"ratio must be in (0, 1], got {ratio}")
+        if not 0.0 <= percentile <= 1.0:
+            raise InvalidInputError(f"percentile must be in [0, 1], got {percentile}")
         if not isinstance(ngroups, int) or ngroups < 1:
             raise InvalidInputError(f"ngroups must be a positive integer, got {ngroups!r}")
         self.lexicon = lexicon
@@ -106,8 +108,12 @@ class NegLabel(Detector):
         image_features, _ = _unpack(image_features, local_features)
         f = torch.as_tensor(np.asarray(image_features) if not isinstance(image_features, torch.Tensor)
                             else image_features).float()
-        return scores.neglabel(f @ self.text_features.T, f @ self.negative_features.T, self.temperature,
-                               self.ngroups, self.seed)
+        text, neg = self.text_features.T, self.negative_features.T
+        chunks = [  # rows in chunks: [N, M] similarities to ~10k negatives never exist in full
+            scores.neglabel(f[i : i + 4096] @ text, f[i : i + 4096] @ neg, self.temperature, self.ngroups, self.seed)
+            for i in range(0, f.shape[0], 4096)
+        ]
+        return np.concatenate(chunks) if chunks else np.empty(0)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

@@ -22,7 +22,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` as given, else CUDA when available, else CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidInputError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps ...") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidInputError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -150,6 +158,19 @@ class Encoder(ABC):
         """Whether ``encode_images(..., local=True)`` can return per-patch features."""
         return False
 
+    def require_local(self) -> None:
+        """Raise a clear error when this encoder cannot give per-patch features (GL-MCM needs them)."""
+        if not self.supports_local:
+            raise InvalidInputError(
+                f"{self.spec} has no local (per-patch) features; GL-MCM needs an open_clip ViT or ModifiedResNet "
+                "image tower (Hugging Face backends give global features only)"
+            )
+
+    @property
+    def preprocess_key(self) -> str:
+        """A string that changes whenever image preprocessing changes (part of the feature-cache key)."""
+        return repr(self.preprocess)
+
     @property
     def exact_text_trimming(self) -> bool:
         """Whether text batches are run only up to their longest prompt (exact for causal towers)."""
@@ -186,10 +207,8 @@ class Encoder(ABC):
             ``[N, D]`` L2-normalised global features, or with ``local=True`` a pair
             ``([N, D], [N, P, D])`` where ``P`` is the number of patches.
         """
-        if local and not self.supports_local:
-            raise NotImplementedError(
-                f"{self.spec} has no local (per-patch) features: GL-MCM needs a ViT image tower"
-            )
+        if local:
+            self.require_local()
         bs = batch_size or self.image_batch_size
         globals_, locals_ = [], []
         for batch in self._image_batches(images, bs):

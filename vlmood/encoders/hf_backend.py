@@ -37,6 +37,10 @@ class HFEncoder(Encoder):
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     @property
+    def preprocess_key(self) -> str:
+        return self.image_processor.to_json_string()
+
+    @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
 

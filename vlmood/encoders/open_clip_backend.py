@@ -255,8 +255,8 @@ class OpenCLIPEncoder(Encoder):
         if self._tower is None or length >= tokens.shape[1]:
             return self.model.encode_text(tokens)
         out = self._encode_trimmed(tokens, length)
-        if not self._trim_verified:
-            self._verify_trimming(tokens[:4], out[:4])
+        if not self._trim_verified and not self._verify_trimming(tokens[:4], out[:4]):
+            return self.model.encode_text(tokens)  # this batch too: never keep (or cache) inexact embeddings
         return out
 
     def _encode_trimmed(self, tokens: torch.Tensor, length: int) -> torch.Tensor:
@@ -276,8 +276,9 @@ class OpenCLIPEncoder(Encoder):
             x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
         return x
 
-    def _verify_trimming(self, tokens: torch.Tensor, trimmed: torch.Tensor) -> None:
-        """Guard against model variants where trimming is not exact: compare once with the full forward."""
+    def _verify_trimming(self, tokens: torch.Tensor, trimmed: torch.Tensor) -> bool:
+        """Guard against model variants where trimming is not exact: compare once with the full forward.
+        Returns whether trimming is exact; if not, trimming is switched off for good."""
         full = self.model.encode_text(tokens)
         diff = (F.normalize(full.float(), dim=-1) - F.normalize(trimmed.float(), dim=-1)).abs().max().item()
         tol = 1e-4 if self.precision == "fp32" else 2e-2
@@ -289,9 +290,8 @@ class OpenCLIPEncoder(Encoder):
                 stacklevel=5,
             )
             self._tower = None
-
-    def _arch_name(self) -> str:
-        return self.spec.name
+            return False
+        return True
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model's weights to ``path`` (safetensors); load back with ``open_clip:ARCH@path``."""

@@ -60,6 +60,9 @@ def _normalise_ood(ood: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         else:
             groups.setdefault("ood", {})[key] = value
     names = [n for g in groups.values() for n in g]
+    bad = [n for n in names if not str(n).strip() or n == "ID"]
+    if bad:
+        raise InvalidInputError(f"invalid OOD set name(s) {bad}: names must be non-empty and not 'ID' (the ID set's key)")
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
         raise InvalidInputError(f"OOD set names must be unique across groups; repeated: {dups}")
@@ -134,6 +137,8 @@ class Benchmark:
         t0 = time.perf_counter()
         dets = self._detectors(encoder, detectors)
         local = any(d.needs_local for d in dets.values())
+        if local:
+            encoder.require_local()  # before any image is encoded
         feats = dict(features) if features is not None else self.extract(
             encoder, local=local, cache=cache, batch_size=batch_size, num_workers=num_workers, progress=progress)
         id_feats = feats["ID"]

@@ -91,7 +91,8 @@ class EmbeddingCache:
         return f"EmbeddingCache(root={str(self.root)!r}, dtype={self.dtype!r}, kind={self.kind!r})"
 
     def folder(self, namespace: str) -> Path:
-        return self.root / self.kind / hashlib.sha256(namespace.encode()).hexdigest()[:24]
+        # the storage dtype is part of the folder: an exact float32 cache never serves float16-rounded values
+        return self.root / self.kind / hashlib.sha256(f"{namespace}|{self.dtype}".encode()).hexdigest()[:24]
 
     # ------------------------------------------------------------------ reading
     def get(self, namespace: str, texts: Sequence[str]) -> dict[int, torch.Tensor]:

@@ -73,9 +73,19 @@ def load_classes(spec: str | Sequence[str]) -> list[str]:
     """
     if isinstance(spec, str):
         lines = _resolve(spec, "classes")
+        if lines is None and "," not in spec:
+            import difflib
+
+            close = difflib.get_close_matches(spec.strip().lower(), builtin_names("classes"), n=3, cutoff=0.6)
+            if close:
+                raise InvalidInputError(
+                    f"class list {spec!r} not found; did you mean {', '.join(close)}? "
+                    f"(for a single class named {spec!r}, pass '{spec},' or a Python list)")
         if lines is None:
             if "," in spec or not any(c in spec for c in "/\\.") and spec.strip():
                 lines = [s.strip() for s in spec.split(",")]
+                if len(lines) > 1 and lines[-1] == "":
+                    lines = lines[:-1]  # "cat," is the one-class list ["cat"]
             else:
                 raise InvalidInputError(
                     f"class list {spec!r} not found: not a bundled list ({', '.join(builtin_names('classes'))}) "

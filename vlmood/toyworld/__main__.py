@@ -14,7 +14,8 @@ def main(argv=None) -> int:
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default=str(ASSETS), help=f"output folder (default: the shipped {ASSETS})")
+    t.add_argument("--out", default="toyworld-model",
+                   help=f"output folder (default ./toyworld-model; the shipped model lives in {ASSETS})")
     args = ap.parse_args(argv)
     meta = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     acc = meta["zero_shot_accuracy"]
