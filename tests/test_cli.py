@@ -84,7 +84,7 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("args,needle", [
     (["score", "--model", "open_clip:x/none"], "the following arguments are required"),
-    (["score", "--model", "m", "--classes", "a", "--images", ".", "--out", "o", "--method", "knn"], "invalid choice: 'knn'"),
+    (["score", "--model", "m", "--classes", "a", "--images", ".", "--out", "o", "--method", "knn"], "unknown method 'knn'"),
     (["score", "--model", "bogus", "--classes", "a", "--images", ".", "--out", "o"], "must start with 'open_clip:'"),
     (["score", "--model", "open_clip:vlmood-tiny-vit/none", "--classes", "a,a", "--images", ".", "--out", "o"],
      "duplicate class names: 'a'"),

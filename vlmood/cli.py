@@ -27,6 +27,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="autocast precision (default: bf16/fp16 on CUDA, fp32 on CPU)")
 
 
+def _method(name: str) -> str:
+    from .detectors import canonical_method
+    from .errors import InvalidInputError
+
+    try:
+        return canonical_method(name)
+    except InvalidInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .detectors import DETECTORS
 
@@ -39,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", required=True, metavar="FILE_OR_LIST",
                    help="ID class names: a file (one per line), a bundled list (imagenet1k, cifar10, cifar100) or 'cat,dog'")
     s.add_argument("--images", required=True, metavar="DIR|GLOB|CSV", help="folder (recursive), glob, or CSV manifest")
-    s.add_argument("--method", default="mcm", choices=sorted(DETECTORS), help="scoring rule (default: mcm)")
+    s.add_argument("--method", default="mcm", type=_method, metavar="|".join(DETECTORS),
+                   help="scoring rule (default: mcm; case, '-' and '_' are ignored)")
     s.add_argument("--templates", default=None, metavar="NAME_OR_FILE",
                    help="prompt templates: simple, imagenet7, imagenet80, or a file with one per line "
                         "(default: the method's own; simple for MCM-style methods)")
