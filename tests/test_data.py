@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmood.data import iter_decoded, list_images, load_image
+from vlmood.data import list_images, load_image
+from vlmood.features import extract_features
 from vlmood.errors import ImageLoadError, InvalidInputError
 
 
@@ -65,7 +66,7 @@ def test_decompression_bomb_refused(tmp_path):
         load_image(tmp_path / "big.png")
 
 
-def test_bad_files_named(tmp_path):
+def test_bad_files_named(tiny, tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image")
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
@@ -78,12 +79,11 @@ def test_bad_files_named(tmp_path):
         load_image(tmp_path / "cut.jpg")
     with pytest.raises(ImageLoadError, match="not found.*nope.jpg"):
         load_image(tmp_path / "nope.jpg")
-    items = list_images(tmp_path)
-    results = list(iter_decoded(items, on_error="skip"))
-    assert [r[0].path.rsplit("/", 1)[1] for r in results if r[2] is None] == ["ok.jpg"]
-    assert len([r for r in results if r[2]]) == 3
+    feats = extract_features(tiny, tmp_path, on_error="skip", cache=False, num_workers=0)
+    assert [i.rsplit("/", 1)[1] for i in feats.ids] == ["ok.jpg"]
+    assert sorted(i.rsplit("/", 1)[1] for i, _ in feats.errors) == ["cut.jpg", "empty.jpg", "text.png"]
     with pytest.raises(ImageLoadError):
-        list(iter_decoded(items, on_error="raise"))
+        extract_features(tiny, tmp_path, on_error="raise", cache=False, num_workers=0)
 
 
 def test_sources(tmp_path):

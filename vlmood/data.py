@@ -7,7 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -154,19 +154,6 @@ def _read_manifest(path: Path) -> list[ImageItem]:
     if not items:
         raise InvalidInputError(f"manifest {path} lists no images")
     return items
-
-
-def iter_decoded(items: Sequence[ImageItem], on_error: str = "raise") -> Iterator[tuple[ImageItem, Image.Image | None, str | None]]:
-    """Decode items in order, yielding ``(item, image, None)`` or, with ``on_error="skip"``, ``(item, None, error)``."""
-    if on_error not in ("raise", "skip"):
-        raise InvalidInputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    for it in items:
-        try:
-            yield it, load_image(it.path), None
-        except ImageLoadError as e:
-            if on_error == "raise":
-                raise
-            yield it, None, str(e)
 
 
 # ---------------------------------------------------------------------------------------------- sources
