@@ -4,7 +4,7 @@ Usage: python benchmarks/text_encoding.py [--n 5000] [--arch ViT-B-32] [--batch-
 
 Random-init weights (``open_clip:ARCH/none``) on CPU: timings depend on shapes, not on training.
 Prompts are WordNet-style lemmas of 1-3 words (drawn reproducibly from the CLIP BPE vocabulary)
-in NegLabel's template ``the nice {}.``.
+in NegLabel's template ``the nice {}``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def wordnet_style_prompts(tokenizer, n: int, seed: int = 0) -> list[str]:
     lemmas: set[str] = set()
     while len(lemmas) < n:
         lemmas.add(" ".join(rng.choice(words, size=rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))))
-    return [f"the nice {w}." for w in sorted(lemmas)]
+    return [f"the nice {w}" for w in sorted(lemmas)]
 
 
 def main() -> None:

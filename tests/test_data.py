@@ -1,12 +1,16 @@
 """Image decoding of awkward files and image sources."""
+import hashlib
+import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from vlmood.data import list_images, load_image
+from vlmood.data import ImageItem, list_images, load_image
 from vlmood.features import extract_features
 from vlmood.errors import ImageLoadError, InvalidInputError
 
@@ -106,3 +110,168 @@ def test_sources(tmp_path):
         list_images(tmp_path / "nothing_here")
     with pytest.raises(InvalidInputError, match="matches no files"):
         list_images(str(tmp_path / "*.webp"))
+
+
+# ------------------------------------------------------------------ issue 11: cache identity, scanning, decoding
+def _ppm(path, rgb):
+    """An 8x8 PPM of one colour: every such file has the same byte size."""
+    Image.new("RGB", (8, 8), rgb).save(path)
+    return path
+
+
+def test_identity_keys_content_not_mtime(tiny, tmp_path):
+    from vlmood.data import PathSource, as_source
+    from vlmood.text.cache import EmbeddingCache
+
+    a = _ppm(tmp_path / "x.ppm", (250, 10, 10))
+    src = PathSource(list_images(a))
+    before = src.identity(0)
+    cache = EmbeddingCache(tmp_path / "cache", kind="features")
+    red = extract_features(tiny, [a], cache=cache, num_workers=0).features
+    st = a.stat()
+    b_bytes = _ppm(tmp_path / "y.ppm", (10, 10, 250)).read_bytes()
+    assert len(b_bytes) == st.st_size and b_bytes != a.read_bytes()
+    a.write_bytes(b_bytes)  # same size, then restore the mtime as cp -p / rsync -t / tar x do
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert a.stat().st_mtime_ns == st.st_mtime_ns and a.stat().st_size == st.st_size
+    assert src.identity(0) != before
+    blue = extract_features(tiny, [a], cache=cache, num_workers=0).features
+    fresh = extract_features(tiny, [a], cache=False, num_workers=0).features
+    assert torch.allclose(blue, fresh) and not torch.allclose(blue, red)
+    # identical bytes at two paths share a key (their features are identical); a missing file never hits
+    both = as_source([a, tmp_path / "y.ppm"])
+    assert both.identity(0) == both.identity(1) == f"sha256:{hashlib.sha256(b_bytes).hexdigest()}"
+    gone = PathSource([ImageItem(str(tmp_path / "gone.ppm"))])
+    assert gone.identity(0).startswith("unreadable:") and gone.identity(0) != gone.identity(0)
+
+
+def test_hidden_entries_skipped(tmp_path):
+    (tmp_path / "rose" / ".thumbs").mkdir(parents=True)
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "rose" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "rose" / ".thumbs" / "t.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / ".ipynb_checkpoints" / "a-checkpoint.png")
+    (tmp_path / "rose" / "._a.png").write_bytes(b"\0\5\26\7AppleDouble")  # macOS resource fork
+    (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    items = list_images(tmp_path)
+    assert [(Path(i.path).relative_to(tmp_path).as_posix(), i.label) for i in items] == [("rose/a.png", "rose")]
+    assert [Path(p.path).name for p in list_images(str(tmp_path / "**" / "*.png"))] == ["a.png"]
+    only_hidden = tmp_path / "h"
+    (only_hidden / ".cache").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(only_hidden / ".cache" / "x.png")
+    with pytest.raises(InvalidInputError, match="no image files .* hidden entries, names starting with '.'"):
+        list_images(only_hidden)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_symlinked_folders_followed_once(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "elsewhere" / "roses"
+    (root / "tulip").mkdir(parents=True)
+    outside.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(outside / "r.png")
+    Image.new("RGB", (8, 8)).save(root / "tulip" / "t.png")
+    (root / "rose").symlink_to(outside, target_is_directory=True)
+    (root / "tulip" / "loop").symlink_to(root, target_is_directory=True)  # a loop back to the root
+    items = list_images(root)
+    assert [(Path(i.path).name, i.label) for i in items] == [("r.png", "rose"), ("t.png", "tulip")]
+    globbed = list_images(str(root / "**" / "*.png"))
+    assert sorted(Path(i.path).name for i in globbed) == ["r.png", "t.png"]  # once each, despite the loop
+    (root / "tulip" / "loop2").symlink_to(root / "tulip", target_is_directory=True)  # two loops: no blow-up
+    assert len(list_images(str(root / "**" / "*.png"))) == 2
+    (root / "zz_rose").symlink_to(outside, target_is_directory=True)  # the same folder as a second class
+    with pytest.warns(UserWarning, match="reachable under two class folders"):
+        again = list_images(root)
+    assert [(Path(i.path).name, i.label) for i in again] == [("r.png", "rose"), ("t.png", "tulip")]
+
+
+def test_empty_paths_refused(tmp_path, monkeypatch):
+    from vlmood.data import as_source
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "here.png")  # what scanning the current folder would find
+    for bad in ("", "   ", Path("   ")):
+        with pytest.raises(InvalidInputError, match="empty image source path"):
+            list_images(bad)
+    with pytest.raises(InvalidInputError, match="empty image source path"):
+        as_source("")
+    with pytest.raises(InvalidInputError, match="entry 2 is an empty path"):
+        as_source(["here.png", ""])
+    with pytest.raises(InvalidInputError, match="empty dataset name"):
+        as_source("hf:")
+    with pytest.raises(ImageLoadError, match="empty image path"):
+        load_image("")
+
+
+def test_glob_characters_in_existing_names_are_literal(tmp_path):
+    Image.new("RGB", (8, 8), (1, 1, 1)).save(tmp_path / "a[1].png")
+    Image.new("RGB", (8, 8), (2, 2, 2)).save(tmp_path / "a1.png")  # what the pattern a[1].png matches
+    assert [Path(i.path).name for i in list_images(str(tmp_path / "a[1].png"))] == ["a[1].png"]
+    d = tmp_path / "set [x]"
+    d.mkdir()
+    Image.new("RGB", (8, 8)).save(d / "p.png")
+    assert [Path(i.path).name for i in list_images(str(d / "*.png"))] == ["p.png"]
+    assert sorted(Path(i.path).name for i in list_images(str(tmp_path / "a*.png"))) == ["a1.png", "a[1].png"]
+
+
+def test_extreme_aspect_ratio_refused(tmp_path):
+    Image.new("L", (100_000, 1), 9).save(tmp_path / "strip.png")  # 100,000 pixels: passes the bomb guard
+    assert (tmp_path / "strip.png").stat().st_size < 2000
+    with pytest.raises(ImageLoadError, match=r"strip.png refused: 100000x1 has an aspect ratio of 100,000:1"):
+        load_image(tmp_path / "strip.png")
+    Image.new("L", (1, 1000), 9).save(tmp_path / "tall.png")
+    with pytest.raises(ImageLoadError, match=r"tall.png refused: 1x1000 .*limit of 100:1"):
+        load_image(tmp_path / "tall.png")
+    assert load_image(tmp_path / "tall.png", max_aspect=1000).size == (1, 1000)
+    assert load_image(Image.new("RGB", (500, 5))).size == (500, 5)  # exactly 100:1 is accepted
+    with pytest.raises(ImageLoadError, match="in-memory image refused: 501x5"):
+        load_image(Image.new("RGB", (501, 5)))
+
+
+def test_dark_sixteen_bit_integer_images(tmp_path):
+    vals = np.array([[0, 100, 128, 129, 200, 255]], dtype=np.uint16)  # dark: every value below 256
+    want = np.rint(vals[0] / 257).astype(int).tolist()  # 16-bit -> 8-bit: value / 257
+    assert want == [0, 0, 0, 1, 1, 1]
+    Image.fromarray(vals).save(tmp_path / "d.png")
+    (tmp_path / "d.pgm").write_bytes(b"P5\n6 1\n65535\n" + vals.astype(">u2").tobytes())
+    Image.fromarray(vals.astype(np.int32)).save(tmp_path / "d32.tif")  # 32-bit integer TIFF (mode I)
+    for name in ("d.png", "d.pgm", "d32.tif"):
+        assert np.asarray(load_image(tmp_path / name))[0, :, 0].tolist() == want, name
+    Image.fromarray(np.array([[0, 70_000]], dtype=np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(ImageLoadError, match=r"wide.tif: .*0\.\.70000, outside the 16-bit range"):
+        load_image(tmp_path / "wide.tif")
+
+
+def test_undecodable_file_names(tiny, tmp_path):
+    from vlmood._io import printable
+    from vlmood.data import PathSource
+    from vlmood.text.cache import prompt_key
+
+    folder = os.fsencode(tmp_path / "imgs")
+    os.mkdir(folder)
+    try:
+        good = os.path.join(folder, b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+        Image.new("RGB", (8, 8)).save(open(good, "wb"), format="PNG")
+        with open(os.path.join(folder, b"bad\xff.jpg"), "wb") as f:
+            f.write(b"not an image")
+    except OSError:
+        pytest.skip("the filesystem refuses non-UTF-8 names")
+    src = PathSource(list_images(tmp_path / "imgs"))
+    assert len(src) == 2
+    for i in range(2):
+        prompt_key(src.identity(i))  # cache keys must encode as UTF-8
+    feats = extract_features(tiny, tmp_path / "imgs", on_error="skip", num_workers=0)
+    assert len(feats) == 1 and len(feats.errors) == 1
+    (bad_id, msg), = feats.errors
+    msg.encode("utf-8")  # messages are printable
+    assert "bad\\xff.jpg" in msg and printable(bad_id).endswith("bad\\xff.jpg")
+
+
+def test_identities_in_parallel_match_one_by_one(tmp_path):
+    from vlmood.data import PathSource
+
+    for k in range(20):
+        _ppm(tmp_path / f"{k:02d}.ppm", (k, 0, 0))
+    src = PathSource(list_images(tmp_path))
+    keys = src.identities()
+    assert keys == [src.identity(i) for i in range(20)] and len(set(keys)) == 20
+    assert keys[3] == "sha256:" + hashlib.sha256((tmp_path / "03.ppm").read_bytes()).hexdigest()

@@ -1,4 +1,6 @@
 """Detectors: each rule equals its kernel on independently computed similarities; calibration and prediction."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -16,10 +18,15 @@ def images():
     return torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 
 
+TEMPLATE = vlmood.load_templates(None)
+assert len(TEMPLATE) == 1  # the default is a single template, so one forward pass per class reproduces it
+
+
 def independent_sims(enc, images, classes, local=False):
     """Similarities from open_clip's own forward passes, not vlmood's text engine."""
     with torch.inference_mode():
-        text = F.normalize(enc.model.encode_text(enc.tokenizer([f"a photo of a {c}." for c in classes])), dim=-1)
+        prompts = [TEMPLATE[0].format(c) for c in classes]
+        text = F.normalize(enc.model.encode_text(enc.tokenizer(prompts)), dim=-1)
         img = F.normalize(enc.model.encode_image(images), dim=-1)
     return (img @ text.T).double().numpy(), text
 
@@ -36,7 +43,7 @@ def test_mcm_maxlogit_energy_match_formulas(tiny, images):
     np.testing.assert_allclose(MCM(tiny, CLASSES, temperature=0.05).score(images), softmax(sims / 0.05).max(1), atol=1e-5)
     np.testing.assert_allclose(MaxLogit(tiny, CLASSES).score(images), s * sims.max(1), atol=1e-4)
     np.testing.assert_allclose(Energy(tiny, CLASSES, logit_scale=100.0, temperature=2.0).score(images),
-                               2.0 * np.log(np.exp(100.0 * sims / 2.0).sum(1)), rtol=1e-5)
+                               2.0 * np.log(np.exp(100.0 * sims / 2.0).sum(1)), rtol=1e-5, atol=1e-4)
 
 
 def test_glmcm_matches_formula(tiny, images):
@@ -92,3 +99,172 @@ def test_text_embeddings_come_from_cache(tiny, images, monkeypatch):
     first = MCM(tiny, CLASSES).score(images)
     monkeypatch.setattr(type(tiny), "_encode_token_batch", lambda *a: pytest.fail("text recomputed"))
     np.testing.assert_array_equal(MCM(tiny, CLASSES).score(images), first)
+
+
+# ------------------------------------------------------------------ NaN, thresholds and calibration inputs
+def _features(tiny, images):
+    from vlmood.features import Features
+
+    g, loc = tiny.encode_images(images, local=True)
+    return Features(g, loc, [f"x[{i}]" for i in range(len(g))])
+
+
+@pytest.mark.parametrize("method", ["mcm", "glmcm", "energy", "maxlogit"])
+def test_non_finite_feature_rows_are_ood(tiny, images, method):
+    """A NaN feature row scores NaN and is OOD (is_ood was False: NaN < thr is False); other rows decide as score < thr."""
+    det = make_detector(method, tiny, CLASSES)
+    feats = _features(tiny, images)
+    thr = det.calibrate(det.score_features(feats), tpr=0.5)
+    feats.features[2] = float("nan")
+    feats.local[2] = float("nan")
+    pred = det.predict_features(feats)
+    assert np.isnan(pred.scores[2]) and pred.is_ood[2]
+    ok = np.arange(len(images)) != 2
+    np.testing.assert_array_equal(pred.is_ood[ok], pred.scores[ok] < thr)
+    assert 0 < pred.is_ood[ok].sum() < ok.sum()  # a real mix of decisions around the threshold
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "high"])
+def test_threshold_must_be_finite(tiny, images, bad):
+    """threshold=nan flagged nothing as OOD (every 'score < nan' is False); now a one-line error before any work."""
+    det = MCM(tiny, CLASSES)
+    with pytest.raises(InvalidInputError, match="threshold must be a finite number"):
+        det.predict_features(_features(tiny, images), threshold=bad)
+    det.threshold_ = bad
+    with pytest.raises(InvalidInputError, match="threshold must be a finite number"):
+        det.predict(["never-decoded.png"])  # refused before the images are read
+
+
+def test_calibrate_refuses_nan_and_non_score_arrays(tiny, images):
+    det = MCM(tiny, CLASSES)
+    with pytest.raises(InvalidInputError, match=r"id_scores contains 1 NaN value\(s\) among 3"):
+        det.calibrate([0.2, float("nan"), 0.4])
+    feats = _features(tiny, images)
+    with pytest.raises(InvalidInputError, match=r"1-D ID scores .* shape \(12, 64\); for image features use "
+                                                r"calibrate\(det.score_features\(features\)\)"):
+        det.calibrate(feats.features.numpy())  # was a TypeError traceback from decoding rows as file names
+    scores = det.score_features(feats)
+    with pytest.raises(InvalidInputError, match=r"shape \(12, 1\); flatten it with .ravel\(\)"):
+        det.calibrate(scores[:, None])
+    expected = np.sort(scores)[12 - 9]  # hand computation: the 9th highest keeps ceil(0.75 * 12) = 9 of 12
+    assert det.calibrate(list(scores.astype(np.float32).astype(np.float64)), tpr=0.75) == pytest.approx(expected)
+    assert det.calibrate(feats, tpr=0.75) == expected  # Features are scored, not read as images
+    assert det.calibrate(torch.as_tensor(scores), tpr=0.75) == expected
+
+
+def test_feature_width_mismatch_names_both_widths(tiny, images):
+    """[N, 256] features against [C, 64] text was a matmul RuntimeError traceback."""
+    det = GLMCM(tiny, CLASSES)
+    g, loc = tiny.encode_images(images, local=True)
+    with pytest.raises(InvalidInputError, match=r"image features have width 32 but the class text embeddings of "
+                                                r"open_clip:vlmood-tiny-vit/none have width 64: .*different encoder"):
+        det.score_features(torch.randn(3, 32), loc[:3])
+    with pytest.raises(InvalidInputError, match=r"local \(per-patch\) features have width 32 .* width 64"):
+        det.score_features(g, torch.randn(12, 16, 32))
+    with pytest.raises(InvalidInputError, match=r"must be \[N, D\], got shape \(64,\) \(one image: add a batch axis"):
+        MCM(tiny, CLASSES).score_features(g[0])
+
+
+def test_glmcm_on_global_only_features_says_local_true(tiny, images):
+    from vlmood.features import Features
+
+    feats = Features(tiny.encode_images(images), None, [str(i) for i in range(12)])
+    with pytest.raises(InvalidInputError, match="GLMCM needs local .*extracted without them: pass local=True "
+                                                "to extract_features"):
+        GLMCM(tiny, CLASSES).score(feats)
+    with pytest.raises(InvalidInputError, match="needs local .*pass local_features"):
+        GLMCM(tiny, CLASSES).score_features(feats.features)
+
+
+# ------------------------------------------------------------------ image inputs: a path, a folder, a PIL image
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(5)
+    for name in ("b.png", "a.png", "c.jpg"):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def test_score_accepts_a_path_a_folder_and_a_pil_image(tiny, image_folder):
+    """det.score("img.png") iterated over characters ("image file not found: /")."""
+    from PIL import Image
+
+    files = sorted(image_folder.iterdir())  # a.png, b.png, c.jpg: a folder is read in sorted order
+    det = MCM(tiny, CLASSES)
+    close = functools.partial(np.testing.assert_allclose, rtol=0, atol=1e-6)  # batch sizes differ: float32 noise
+    each = det.score(files)  # the list form, which always worked
+    assert each.shape == (3,)
+    close(det.score(str(files[1])), each[1:2])
+    close(det.score(files[1]), each[1:2])
+    close(det.score(str(image_folder) + "/"), each)
+    close(det.score(image_folder), each)
+    close(det.score(Image.open(files[0])), each[:1])
+    close(det.score([image_folder, files[0]]), np.r_[each, each[:1]])  # folders expand in lists
+    np.testing.assert_array_equal(det.classify(image_folder), det.classify(files))
+    pred = det.predict(str(files[2]), threshold=float(each[2]) - 1e-6)  # margin: batch-size float32 noise
+    assert pred.scores.shape == (1,) and not pred.is_ood[0]  # score >= threshold
+    assert det.predict(str(files[2]), threshold=float(each[2]) + 1e-6).is_ood[0]
+    assert det.calibrate(image_folder, tpr=1.0) == pytest.approx(each.min(), abs=1e-6)
+    g = GLMCM(tiny, CLASSES)
+    close(g.score(image_folder), g.score(files))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (42, "cannot read images from a int"),
+    ([0.5, "a.png"], "image 0 of the list is a float"),
+    (np.zeros((2, 32, 32, 3), dtype=np.uint8), "preprocessed float batch .*decoded pixels: pass PIL images"),
+    (torch.zeros(3, 32, 32), r"got torch.float32 \(3, 32, 32\) \(one image: add a batch axis"),
+    ("no/such/image.png", "no/such/image.png"),
+    (["a.png", ""], "image 1 of the list is an empty path"),  # not the current folder
+])
+def test_unreadable_image_inputs_are_one_line_errors(tiny, bad, match):
+    with pytest.raises(InvalidInputError, match=match):
+        MCM(tiny, CLASSES).score(bad)
+
+
+# ------------------------------------------------------------------ identical class embeddings, typos, logit scale
+@pytest.fixture(scope="module")
+def toy():
+    return vlmood.load_encoder("toyworld", device="cpu")
+
+
+def test_identical_class_embeddings_warn(toy):
+    """Names outside the toy model's vocabulary all become the unknown token: every score was 1/C, silently."""
+    from vlmood.toyworld import ID_SHAPES
+
+    det = MCM(toy, ["zorblat", "quuxify"])
+    with pytest.warns(UserWarning, match=r"1 pair\(s\) of ID classes have \(near\) identical text embeddings .*"
+                                         r"'zorblat' ~ 'quuxify'.*unknown to the model's tokenizer"):
+        det.fit()
+    cos = float(det.text_features[0] @ det.text_features[1])
+    assert cos > vlmood.detectors.base.DUPLICATE_COSINE
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MCM(toy, list(ID_SHAPES)).fit()
+
+
+def test_method_typo_suggests_the_closest():
+    from vlmood.detectors import canonical_method
+
+    with pytest.raises(InvalidInputError, match=r"^unknown method 'mcmm'; did you mean 'mcm'\?"):
+        canonical_method("mcmm")
+    with pytest.raises(InvalidInputError, match=r"unknown method 'GL-MCN'; did you mean 'glmcm'\?"):
+        canonical_method("GL-MCN")
+    assert canonical_method("Max_Logit") == "maxlogit"
+
+
+def test_logit_scale_one_reproduces_the_reference_and_zero_is_refused(tiny, images):
+    """The MCM reference scores raw cosines (T=1): logit_scale=1.0 gives max cos and logsumexp(cos).
+    logit_scale=0.0 was silently replaced by the encoder's scale (``x or default``)."""
+    sims, _ = independent_sims(tiny, images, CLASSES)
+    np.testing.assert_allclose(MaxLogit(tiny, CLASSES, logit_scale=1.0).score(images), sims.max(1), atol=1e-6)
+    np.testing.assert_allclose(Energy(tiny, CLASSES, logit_scale=1.0).score(images), np.log(np.exp(sims).sum(1)),
+                               atol=1e-6)
+    for cls in (MaxLogit, Energy):
+        with pytest.raises(InvalidInputError, match=r"logit_scale must be a finite number > 0, got 0.0"):
+            cls(tiny, CLASSES, logit_scale=0.0)

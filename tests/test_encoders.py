@@ -18,13 +18,19 @@ def test_parse_spec():
     assert s.name == "ViT-B-32" and str(s.checkpoint) == "/tmp/w.safetensors"
     assert parse_spec("open_clip:hf-hub:timm/ViT-B-16-SigLIP").name == "hf-hub:timm/ViT-B-16-SigLIP"
     assert parse_spec("hf:openai/clip-vit-base-patch16").name == "openai/clip-vit-base-patch16"
-    for spec in ["open_clip:ViT-B-16/openai", "open_clip:ViT-B-32/none", "hf:some/model"]:
-        assert str(parse_spec(spec)) == spec
+    for spec in ["open_clip:ViT-B-16/openai", "open_clip:ViT-B-32/none", "hf:some/model", "open_clip:ViT-B-32/none:seed=3"]:
+        assert str(parse_spec(spec)) == spec and parse_spec(str(parse_spec(spec))) == parse_spec(spec)
+    assert parse_spec("open_clip:ViT-B-32/none").seed == 0 and parse_spec("open_clip:ViT-B-32/None:seed=7").seed == 7
+    assert parse_spec("open_clip:ViT-B-32/none:seed=0") == parse_spec("open_clip:ViT-B-32/none")
 
 
 @pytest.mark.parametrize("bad,match", [
     ("", "empty"), ("ViT-B-16", "must start with"), ("clip:ViT-B-16/openai", "must start with"),
     ("open_clip:ViT-B-16", "names no weights"), ("open_clip:", "names no model"), ("open_clip:@x", "ARCH@"),
+    ("open_clip:ViT-B-32/none:seed=x", "none:seed=N' with N a non-negative integer"),
+    ("open_clip:ViT-B-32/none:sed=3", "none:seed=N"), ("open_clip:ViT-B-32/none:seed=-1", "non-negative"),
+    ("open_clip:ViT-B-32/openai:seed=3", "a seed applies only to random initialisation"),
+    ("toyworl", "did you mean 'toyworld'"),
 ])
 def test_parse_spec_errors(bad, match):
     with pytest.raises(InvalidInputError, match=match):
@@ -33,7 +39,8 @@ def test_parse_spec_errors(bad, match):
 
 def test_precision_defaults():
     assert resolve_precision(None, torch.device("cpu")) == "fp32"
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.warns(UserWarning, match="bf16 on CPU is emulated and usually several times slower"):
+        assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(InvalidInputError, match="fp8"):
         resolve_precision("fp8", torch.device("cpu"))
 
@@ -164,6 +171,74 @@ def test_device_errors():
     if not torch.cuda.is_available():
         with pytest.raises(InvalidInputError, match="CUDA is not available"):
             resolve_device("cuda")
+    # meta loaded a model of empty tensors and failed deep inside the first forward, after all the set-up
+    with pytest.raises(InvalidInputError, match="device 'meta' is not a compute device"):
+        resolve_device("meta")
+    if not torch.backends.mps.is_available():  # was accepted here, then a traceback when the model moved
+        with pytest.raises(InvalidInputError, match="device 'mps' is not available on this machine"):
+            resolve_device("mps")
+    for dev in ("xla", "hpu", "vulkan"):
+        with pytest.raises(InvalidInputError, match=f"device '{dev}' is not available"):
+            resolve_device(dev)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_fp16_on_cpu_computes_in_fp16_with_a_speed_warning():
+    """torch 2.14 runs fp16 autocast on CPU: allowed, close to fp32, really fp16 (not silently fp32), and warned
+    about being slower than fp32 there."""
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(UserWarning, match="fp16 on CPU is emulated and usually several times slower than fp32"):
+        half = tiny_encoder(0, precision="fp16")
+    assert half.precision == "fp16"
+    full = tiny_encoder(0)
+    got, ref = half.encode_images(images), full.encode_images(images)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
+        independent = F.normalize(half.model.encode_image(images).float(), dim=-1)
+    assert torch.allclose(got, independent, atol=1e-6)
+    assert 0 < (got - ref).abs().max() < 2e-3
+    texts = ["a cat", "a red bus"]
+    assert (half.encode_texts(texts) - full.encode_texts(texts)).abs().max() < 2e-3
+
+
+def test_fp16_on_cpu_is_refused_where_torch_would_silently_run_fp32(monkeypatch):
+    from vlmood.encoders import base
+
+    monkeypatch.setattr(base, "_cpu_fp16_autocast_works", lambda: False)  # torch < 2.4 disables it with a warning
+    with pytest.raises(InvalidInputError, match=r"cannot compute in fp16 on CPU; use precision fp32 .* or bf16"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_non_finite_features_warn_and_stay_nan(tiny, monkeypatch):
+    real = type(tiny)._encode_image_batch
+
+    def overflow(self, batch, local):
+        out = real(self, batch, local)
+        out[1] = float("inf")  # what an fp16 overflow gives
+        return out
+
+    monkeypatch.setattr(type(tiny), "_encode_image_batch", overflow)
+    with pytest.warns(UserWarning, match=r"1 of 3 image\(s\) gave non-finite features .* scores will be NaN"):
+        g = tiny.encode_images(torch.randn(3, 3, 32, 32))
+    assert torch.isnan(g[1]).all() and torch.isfinite(g[[0, 2]]).all()
+
+
+def test_random_init_is_the_same_in_every_process():
+    """open_clip:ARCH/none drew its weights from the process's random seed: a new fingerprint (cache miss) each run."""
+    import subprocess
+    import sys
+
+    code = ("import vlmood\nfor s in ('open_clip:vlmood-tiny-vit/none', 'open_clip:vlmood-tiny-vit/none:seed=3'):\n"
+            "    print(vlmood.load_encoder(s, device='cpu').fingerprint)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    none0 = out.stdout.split()[0]
+    assert none0 == tiny_encoder(0).fingerprint  # another process, the same weights
+    assert out.returncode == 0, out.stderr[-2000:]
+    none3 = out.stdout.split()[1]
+    assert none3 == tiny_encoder(3).fingerprint and none0 != none3
+    assert str(tiny_encoder(3).spec) == f"open_clip:{TINY_ARCH}/none:seed=3"
+    before = torch.random.get_rng_state()
+    vlmood.load_encoder(f"open_clip:{TINY_ARCH}/none")
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's random stream is left alone
 
 
 def test_non_causal_tower_falls_back_to_full_length(tiny):
@@ -206,3 +281,6 @@ def test_encode_images_from_pil_and_paths(tiny, tmp_path):
     c = tiny.encode_images(tiny.preprocess(pil)[None])
     assert torch.allclose(a, b) and torch.allclose(a, c)
     assert a.shape == (1, 64)
+    # one path, one folder, one PIL image (a string was iterated character by character)
+    for single in (str(tmp_path / "a.png"), tmp_path / "a.png", str(tmp_path), tmp_path, pil):
+        assert torch.allclose(tiny.encode_images(single), a), single

@@ -1,6 +1,7 @@
 """Benchmarks and reports: numbers checked against independent scoring, exports, plots, clear errors."""
 import csv
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -80,7 +81,8 @@ def test_map_labels():
     assert map_labels([2, 0], classes).tolist() == [2, 0]
     assert map_labels(["2", "1"], classes).tolist() == [2, 1]
     # ImageFolder convention: WordNet-id folders map in sorted order
-    assert map_labels(["n01443537", "n01440764", "n01484850"], classes).tolist() == [1, 0, 2]
+    with pytest.warns(UserWarning, match="sorted order"):
+        assert map_labels(["n01443537", "n01440764", "n01484850"], classes).tolist() == [1, 0, 2]
     with pytest.raises(InvalidInputError, match="labels outside the class list: 'shark'"):
         map_labels(["tench", "shark"], classes)
     with pytest.raises(InvalidInputError, match=r"outside the 3 classes: \[7\]"):
@@ -90,7 +92,7 @@ def test_map_labels():
 def test_bad_benchmarks(tiny, world):
     with pytest.raises(InvalidInputError, match="no OOD sets"):
         Benchmark(id=world / "id", ood={}, classes=["red", "blue"])
-    with pytest.raises(InvalidInputError, match="not 'ID'"):
+    with pytest.raises(InvalidInputError, match="other than 'ID'"):
         Benchmark(id=world / "id", ood={"ID": world / "green"}, classes=["red", "blue"])
     with pytest.raises(InvalidInputError, match="OOD group 'near' is empty"):
         Benchmark(id=world / "id", ood={"near": {}}, classes=["red", "blue"])
@@ -155,3 +157,107 @@ def test_cli_eval_writes_report(tiny, world, capsys):
                 str(world / "id"), "--report", str(world / "rep2"), *bad]
         assert main(args) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_no_ood_set_replaces_another(world):
+    # a flat set and an explicit "ood" group are merged; before, the group replaced the flat set silently
+    bench = Benchmark(id=world / "id", ood={"gray": world / "gray", "ood": {"green": world / "green"}},
+                      classes=["red", "blue"])
+    assert bench.ood == {"ood": {"gray": world / "gray", "green": world / "green"}}
+    for ood, needle in (({"near": {"x": world / "gray"}, "far": {"x": world / "green"}}, r"repeated: \['x'\]"),
+                        ({"x": world / "gray", "ood": {"x": world / "green"}}, r"repeated: \['x'\]"),
+                        ({"far": {"mean": world / "gray", "b": world / "green"}}, "other than 'ID'.*and 'mean'"),
+                        ({"ID": {"x": world / "gray"}}, r"invalid OOD group name\(s\) \['ID'\]")):
+        with pytest.raises(InvalidInputError, match=needle):
+            Benchmark(id=world / "id", ood=ood, classes=["red", "blue"])
+    with pytest.raises(InvalidInputError, match="on_error must be 'raise' or 'skip', got 'skp'"):
+        Benchmark(id=world / "id", ood={"g": world / "green"}, classes=["red", "blue"], on_error="skp")
+
+
+def test_unlabelled_id_set_is_said_once(tiny, world):
+    bench = Benchmark(id=world / "green", ood={"g": world / "gray"}, classes=["red", "blue"])
+    with pytest.warns(UserWarning, match="ID set has no labels: ID accuracy not computed") as rec:
+        report = bench.run(tiny, ["mcm", "energy"], num_workers=0, progress=False)
+    assert len([w for w in rec if "no labels" in str(w.message)]) == 1  # once, not once per method
+    assert report.id_accuracy == {"mcm": None, "energy": None}
+    assert "Note: ID set has no labels" in report.to_markdown()
+    assert json.loads(report.to_json())["notes"] == [report.notes[0]]
+    # labelled ID set: no warning, no note
+    labelled = Benchmark(id=world / "id", ood={"g": world / "gray"}, classes=["red", "blue"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ID set has no labels")
+        report = labelled.run(tiny, ["mcm"], num_workers=0, progress=False)
+    assert report.notes == [] and report.id_accuracy["mcm"] is not None
+
+
+def test_partly_labelled_id_set_is_refused(tiny, world):
+    (world / "m.csv").write_text("path,label\nid/red/00.png,red\nid/red/01.png,\nid/blue/00.png,blue\n")
+    with pytest.raises(InvalidInputError, match=r"ID set: 1 of 3 image\(s\) have no label \(first: .*01.png\)"):
+        Benchmark(id=world / "m.csv", ood={"g": world / "green"}, classes=["red", "blue"]).run(
+            tiny, ["mcm"], num_workers=0, progress=False)
+
+
+def test_open_sources_finds_bad_paths_before_any_model(world):
+    bench = Benchmark(id=world / "id", ood={"g": world / "green", "n": world / "nowhere"}, classes=["red", "blue"])
+    with pytest.raises(InvalidInputError, match="image source not found: .*nowhere"):
+        bench.open_sources()
+    bench = Benchmark(id=world / "id", ood={"g": world / "green"}, classes=["red", "blue"]).open_sources()
+    assert len(bench.id) == 16 and len(bench.ood["ood"]["g"]) == 6
+
+
+def fake_report(names, methods, seed=0):
+    """A Report over random scores (one group 'ood'), built without an encoder."""
+    from vlmood.evaluation import Report
+
+    rng = np.random.default_rng(seed)
+    scores = {m: {"ID": rng.normal(1, 1, 30), **{n: rng.normal(0, 1, 20) for n in names}} for m in methods}
+    rows = [{"method": m, "group": "ood", "dataset": n, **evaluate(s["ID"], s[n]), "n_id": 30, "n_ood": 20}
+            for m, s in scores.items() for n in names]
+    rows += [{"method": m, "group": "ood", "dataset": "mean", "n_id": 30, "n_ood": 20 * len(names),
+              **{k: np.mean([r[k] for r in rows if r["method"] == m]) for k in rows[0] if k not in
+                 ("method", "group", "dataset", "n_id", "n_ood")}} for m in methods]
+    return Report(name="fake", rows=rows, id_accuracy={m: None for m in methods}, scores=scores,
+                  counts={"ID": 30, **{n: 20 for n in names}}, groups={"ood": list(names)})
+
+
+def test_report_save_leaves_matplotlib_alone(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use("svg")  # a user's backend (Jupyter's inline one, say) must survive report.save
+        plt.figure()  # and so must the user's open figures
+        figs = plt.get_fignums()
+        fake_report(["a", "b"], ["mcm"]).save(tmp_path)
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figs
+    finally:
+        plt.close("all")
+        matplotlib.use(before)
+    assert (tmp_path / "hist_mcm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_take_any_name(tmp_path):
+    names = ["$x^2$", "a$_$b", "$\\frac$ | _hidden"]  # mathtext that does not parse, '|' and a leading '_'
+    report = fake_report(names, ["a/b", "a_b", "$m$"])
+    paths = report.save(tmp_path)
+    pngs = {p.name for p in tmp_path.glob("*.png")}
+    # colliding slugs ('a/b' and 'a_b') get distinct files instead of overwriting each other
+    assert pngs == {"hist_a_b.png", "hist_a_b-2.png", "hist__m_.png", "roc_a_b.png", "roc_a_b-2.png", "roc__m_.png"}
+    assert len([k for k in paths if k.startswith("hist")]) == 3
+    md = paths["report"].read_text()
+    assert "| a/b | ood | $\\frac$ \\| _hidden |" in md  # a '|' in a name cannot split the table row
+
+
+def test_suite_files_are_validated(tmp_path):
+    from vlmood.evaluation.suites import read_suite
+
+    path = tmp_path / "s.json"
+    path.write_text('{"classes": "cifar10", "id": "a", "ood": {"far": {"x": "x"}, "far": {"y": "y"}}}')
+    with pytest.raises(InvalidInputError, match=f"suite file {path}: key 'far' appears twice"):
+        read_suite(str(path))
+    path.write_text('{"classes": [], "id": "a", "ood": {"far": {"x": "x"}}}')
+    with pytest.raises(InvalidInputError, match=f"suite file {path}: 'classes' must be"):
+        read_suite(str(path))
+    with pytest.raises(InvalidInputError, match="data root is empty"):
+        load_suite("imagenet-mos", "")

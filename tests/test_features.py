@@ -143,3 +143,77 @@ def test_empty_sources(tiny, tmp_path):
         extract_features(tiny, tmp_path / "empty")
     with pytest.raises(InvalidInputError, match="empty"):
         extract_features(tiny, [])
+
+
+def nan_for_black_images(enc, monkeypatch):
+    """Make the encoder return NaN features (global and local) for uniformly coloured images."""
+    real = type(enc)._encode_image_batch
+
+    def broken(this, batch, local):
+        out = real(this, batch, local)
+        flat = batch.flatten(2)  # [N, C, H*W]: a uniform image is constant in every channel
+        uniform = (flat.amax(dim=2) - flat.amin(dim=2)).amax(dim=1) == 0
+        g, loc = out if local else (out, None)
+        g = g.clone()
+        g[uniform] = float("nan")
+        if loc is not None:
+            loc = loc.clone()
+            loc[uniform] = float("inf")
+        return (g, loc) if local else g
+
+    monkeypatch.setattr(type(enc), "_encode_image_batch", broken)
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_non_finite_features_are_never_features(tiny, tmp_path, monkeypatch, local):
+    make_images(tmp_path / "imgs", 5)
+    Image.new("RGB", (40, 36), (0, 0, 0)).save(tmp_path / "imgs" / "002.png")
+    real = type(tiny)._encode_image_batch
+    nan_for_black_images(tiny, monkeypatch)
+    with pytest.raises(ImageLoadError, match=r"non-finite features .*002\.png"):
+        extract_features(tiny, tmp_path / "imgs", local=local, batch_size=2, num_workers=0, progress=False)
+    f = extract_features(tiny, tmp_path / "imgs", local=local, on_error="skip", batch_size=2, num_workers=0)
+    assert [p[-7:] for p in f.ids] == ["000.png", "001.png", "003.png", "004.png"]
+    assert len(f.errors) == 1 and f.errors[0][0].endswith("002.png") and "non-finite" in f.errors[0][1]
+    assert torch.isfinite(f.features).all() and (not local or torch.isfinite(f.local).all())
+    monkeypatch.setattr(type(tiny), "_encode_image_batch", real)
+    counter = CallCounter(tiny, monkeypatch)
+    again = extract_features(tiny, tmp_path / "imgs", local=local, batch_size=2, num_workers=0)
+    assert counter.images == 1  # the NaN row was never cached; the others were
+    assert len(again) == 5 and torch.isfinite(again.features).all()
+
+
+class KillWorkerOnSize:
+    """A preprocessing transform that gets its DataLoader worker killed (like the OOM killer) on one image size."""
+
+    def __init__(self, inner, size):
+        self.inner, self.size = inner, size
+
+    def __call__(self, img):
+        if img.size == self.size:
+            import os
+            import signal
+            import time
+
+            time.sleep(0.5)  # let the main process encode the batches it already received
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner(img)
+
+    def __repr__(self):  # same preprocessing, same cache namespace
+        return repr(self.inner)
+
+
+def test_killed_worker_names_the_images_in_flight(tiny, tmp_path, monkeypatch):
+    from vlmood.errors import VlmoodError
+
+    make_images(tmp_path / "imgs", 12)
+    Image.new("RGB", (41, 37), (9, 9, 9)).save(tmp_path / "imgs" / "009.png")
+    real = tiny.preprocess
+    monkeypatch.setattr(tiny, "preprocess", KillWorkerOnSize(real, (41, 37)))
+    with pytest.raises(VlmoodError, match=r"killed by the operating system.*009\.png.*--workers 0") as e:
+        extract_features(tiny, tmp_path / "imgs", batch_size=2, num_workers=1, progress=False)
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(tiny, "preprocess", real)
+    counter = CallCounter(tiny, monkeypatch)
+    f = extract_features(tiny, tmp_path / "imgs", batch_size=2, num_workers=0, progress=False)
+    assert len(f) == 12 and counter.images <= 10  # at least the batches received before the kill were cached

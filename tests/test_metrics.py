@@ -4,6 +4,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from vlmood import metrics
+from vlmood.errors import InvalidInputError
 
 
 def sk_fpr95(id_s, ood_s):
@@ -64,7 +65,28 @@ def test_threshold_keeps_tpr():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="ood_scores is empty"):
         metrics.evaluate([1.0], [])
-    with pytest.raises(ValueError, match="non-finite"):
-        metrics.evaluate([1.0, np.nan], [0.0])
     with pytest.raises(ValueError, match="tpr"):
         metrics.threshold_at_tpr([1.0], 1.5)
+
+
+def test_non_finite_scores_are_one_line_errors_naming_how_many():
+    """NaN scores never give a silent AUROC; the message says how many, and which list."""
+    with pytest.raises(InvalidInputError, match=r"^id_scores contains 2 NaN value\(s\) among 3 ") as e:
+        metrics.evaluate([1.0, np.nan, np.nan], [0.0, 0.5])
+    assert "\n" not in str(e.value)
+    with pytest.raises(InvalidInputError, match=r"ood_scores contains 1 NaN and 1 infinite value\(s\) among 3"):
+        metrics.evaluate([1.0], [0.0, np.nan, -np.inf])
+    with pytest.raises(InvalidInputError, match=r"id_scores contains 1 NaN"):
+        metrics.threshold_at_tpr([0.2, np.nan, 0.4], 0.95)
+    for f in (metrics.auroc, metrics.autc, metrics.fpr_at_tpr, metrics.average_precision):
+        with pytest.raises(InvalidInputError, match="NaN"):
+            f([1.0, 2.0], [np.nan])
+
+
+def test_scores_must_be_one_dimensional():
+    """A [N, C] matrix was flattened into N*C 'scores' silently; a single column is still one score per image."""
+    with pytest.raises(InvalidInputError, match=r"id_scores must be 1-D \(one score per image\), got shape \(3, 2\)"):
+        metrics.evaluate(np.zeros((3, 2)), [0.0])
+    col = np.array([[3.0], [2.0]])
+    assert metrics.evaluate(col, [1.0, 2.0]) == metrics.evaluate([3.0, 2.0], [1.0, 2.0])
+    assert metrics.auroc(col, [1.0, 2.0]) == pytest.approx(0.875)  # hand-computed in test_hand_computed

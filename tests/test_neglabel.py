@@ -154,9 +154,9 @@ def test_neglabel_detector_against_direct_computation(tiny, small_lexicon):
     classes = ["cat", "dog", "tree"]
     det = vlmood.NegLabel(tiny, classes, lexicon=str(d), ratio=0.5, ngroups=3, seed=1).fit()
     # independent: embeddings straight from open_clip, the mining rule by hand
-    id_emb = encode_direct(tiny, [f"the nice {c}." for c in classes])
+    id_emb = encode_direct(tiny, [f"the nice {c}" for c in classes])
     cands = [w for w in nouns if w != "cat"]  # the ID class name is dropped first
-    cand_emb = np.vstack([encode_direct(tiny, [f"the nice {w}." for w in cands]),
+    cand_emb = np.vstack([encode_direct(tiny, [f"the nice {w}" for w in cands]),
                           encode_direct(tiny, [f"This is a {w} photo" for w in adjs])])
     groups = ["noun"] * len(cands) + ["adj"] * len(adjs)
     idx = direct_mine(id_emb, cand_emb, 0.95, 0.5, groups, [False] * len(groups))
@@ -189,7 +189,7 @@ def test_neglabel_save_load_needs_no_mining(tiny, small_lexicon, tmp_path, monke
 
         vlmood.NegLabel.load(tmp_path / "neg.json", tiny_encoder(5))
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(InvalidInputError, match="not a saved NegLabel detector"):
+    with pytest.raises(InvalidInputError, match="bad.json is not a saved NegLabel/CSP detector"):
         vlmood.NegLabel.load(tmp_path / "bad.json", tiny)
 
 
@@ -252,3 +252,237 @@ def test_cli_mine_negatives(tiny, small_lexicon, tmp_path):
                  "--out", str(tmp_path / "x.txt")]) == 2
     assert main(["mine-negatives", "--model", spec, "--classes", "cat,dog", "--lexicon", "nope",
                  "--out", str(tmp_path / "x.txt")]) == 2
+
+
+# ------------------------------------------------------------------ CSP pool against the reference's rule
+WORDNET_DIR = Path(lexicons.__file__).parent.parent / "lexicons" / "wordnet-3.0"
+
+
+def raw_words(path):
+    """Words of a word file read directly: stripped lines, no blanks, no '#' comments."""
+    return [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip() and not ln.startswith("#")]
+
+
+def test_csp_pool_drops_excluded_files_before_deduplicating():
+    """The reference removes noun.person/quantity/group and adj.pert from the file list, then de-duplicates:
+    words those files share with kept files stay ('aberrant' is also in noun.person, 'agency' in noun.group)."""
+    pool = candidate_pool("csp", "neglabel", seed=0)
+    excluded = {"noun.person", "noun.quantity", "noun.group", "adj.pert"}
+    seen, nouns, adjs = set(), [], []
+    for name in lexicons.SELECTIONS["neglabel"]:  # nouns first, then adjectives (vlmood's documented order)
+        if name in excluded:
+            continue
+        for w in raw_words(WORDNET_DIR / f"{name}.txt"):
+            if w not in seen:
+                seen.add(w)
+                (nouns if name.startswith("noun.") else adjs).append(w)
+    assert (pool.pos.count("noun"), pool.pos.count("adj")) == (len(nouns), len(adjs)) == (47_287, 10_206)
+    got_nouns = [w for w, p in zip(pool.labels, pool.pos) if p == "noun"]
+    got_adjs = [w for w, p in zip(pool.labels, pool.pos) if p == "adj"]
+    assert got_nouns == nouns
+    import random
+
+    rng = random.Random(0)  # the reference: random.seed(0), then one random.choice per adjective, in pool order
+    assert got_adjs == [f"{a} {rng.choice(CSP_SUPERCLASSES)}" for a in adjs]
+    assert {"agency", "acceptor"} <= set(got_nouns) and "aberrant" in adjs
+    # a Lexicon object read from the same files gives the same pool
+    assert candidate_pool("csp", lexicons.load("neglabel"), seed=0) == pool
+
+
+def test_csp_pool_rule_on_a_small_folder(tmp_path):
+    d = tmp_path / "lex"
+    d.mkdir()
+    (d / "noun.group.txt").write_text("band\ncrew\n")  # excluded, and read before noun.things
+    (d / "noun.things.txt").write_text("band\nrock\n")
+    (d / "adj.colour.txt").write_text("red\nband\n")  # any adj.* file but adj.pert counts, as in the reference
+    (d / "adj.pert.txt").write_text("solar\n")
+    (d / "verb.motion.txt").write_text("run\n")  # other parts of speech are no CSP candidates
+    pool = candidate_pool("csp", str(d), seed=3)
+    import random
+
+    rng = random.Random(3)
+    assert pool.labels == ("band", "rock", f"red {rng.choice(CSP_SUPERCLASSES)}")
+    assert pool.pos == ("noun", "noun", "adj")
+    assert "crew" not in pool.labels and not any(lb.startswith("solar") for lb in pool.labels)
+
+
+# ------------------------------------------------------------------ lexicon files: encoding and selections
+def test_lexicon_files_utf8_bom_and_latin1(tmp_path):
+    d = tmp_path / "lex"
+    d.mkdir()
+    (d / "noun.things.txt").write_bytes("\ufeffcafé\nrock\n".encode("utf-8"))
+    assert lexicons.load(str(d)).words == ("café", "rock")  # no '\ufeff' glued to the first word
+    (d / "adj.all.txt").write_bytes("naïve\nred\n".encode("latin-1"))
+    with pytest.raises(InvalidInputError, match=r"adj\.all\.txt is not UTF-8.*save it as UTF-8"):
+        lexicons.load(str(d))
+
+
+def test_lexicon_selection_mistakes(tmp_path, monkeypatch):
+    with pytest.raises(InvalidInputError, match="listed more than once: noun.plant"):
+        lexicons.load(["noun.plant", "adj.all", "noun.plant.txt"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "noun.stray.txt").write_text("stray\n")
+    with pytest.raises(InvalidInputError, match="the lexicon selection is empty"):
+        lexicons.load("")  # Path("") is the current folder: it used to be read as a lexicon folder
+    d = tmp_path / "lex"
+    d.mkdir()
+    (d / "noun.things.txt").write_text("rock\n")
+    (d / "._noun.things.txt").write_bytes(b"\x00\x05\x16\x07\xff\xfe")  # macOS resource fork, not a lexicon
+    assert lexicons.load(str(d)).words == ("rock",)
+
+
+# ------------------------------------------------------------------ saved detector files
+@pytest.fixture
+def saved(tiny, small_lexicon, tmp_path):
+    d, _, _ = small_lexicon
+    det = vlmood.NegLabel(tiny, ["cat", "dog"], lexicon=str(d), ratio=0.4, ngroups=2)
+    det.save(tmp_path / "neg.json")
+    return tmp_path / "neg.json", json.loads((tmp_path / "neg.json").read_text()), det
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_saved_file_has_format_and_version(saved, tiny):
+    path, data, det = saved
+    assert (data["format"], data["version"]) == ("vlmood.neglabel", 1)
+    assert set(data["neg_templates"]) == {"noun", "adj"} and data["templates"] == ["the nice {}"]
+    old = {k: v for k, v in data.items() if k not in ("format", "version")}  # a file from before the version
+    loaded = vlmood.NegLabel.load(write_json(path.with_name("old.json"), old), tiny)
+    assert loaded.negatives_ == det.negatives_ and loaded.ngroups == 2
+    bom = path.with_name("bom.json")
+    bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert vlmood.NegLabel.load(bom, tiny).negatives_ == det.negatives_
+
+
+def test_csp_file_loads_as_csp_and_csp_load_refuses_neglabel(tiny, small_lexicon, saved, tmp_path):
+    d, _, _ = small_lexicon
+    csp = vlmood.CSP(tiny, ["cat", "dog"], lexicon=str(d), ratio=0.5, ngroups=2)
+    csp.save(tmp_path / "csp.json")
+    loaded = vlmood.NegLabel.load(tmp_path / "csp.json", tiny)
+    assert type(loaded) is vlmood.CSP and loaded.negatives_ == csp.negatives_ and len(loaded.templates) == 8
+    assert type(vlmood.CSP.load(tmp_path / "csp.json", tiny)) is vlmood.CSP
+    with pytest.raises(InvalidInputError, match=r"neg\.json holds a saved NegLabel detector, not CSP; "
+                                                r"load it with vlmood\.NegLabel\.load"):
+        vlmood.CSP.load(saved[0], tiny)
+
+
+def _edit(data, field, value):
+    out = json.loads(json.dumps(data))
+    target = out
+    keys = field.split(".")
+    for k in keys[:-1]:
+        target = target[int(k)] if k.isdigit() else target[k]
+    if value is _DELETE:
+        del target[keys[-1]]
+    else:
+        target[int(keys[-1]) if keys[-1].isdigit() else keys[-1]] = value
+    return out
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("versioned", [True, False])
+@pytest.mark.parametrize("field,value,match", [
+    ("params.ngroups", 0, r"'params\.ngroups': ngroups must be a positive integer, got 0"),
+    ("params.ratio", 2, r"'params\.ratio': ratio must be in \(0, 1\], got 2"),
+    ("params.temperature", 0, r"'params\.temperature': temperature must be a positive finite number, got 0"),
+    ("params.temperature", float("nan"), r"'params\.temperature': temperature must be .*got nan"),
+    ("params.percentile", float("nan"), r"'params\.percentile': percentile must be in \[0, 1\], got nan"),
+    ("params.ngroups", 99, r"'negatives': 11 negatives, fewer than params\.ngroups=99"),
+    ("params.seed", "x", r"'params\.seed': seed must be an integer or None"),
+    ("params.ngroup", 2, r"'params': expected an object with exactly"),
+    ("negatives.0.label", "", r"'negatives\[0\]\.label': expected a non-empty string"),
+    ("classes", [], r"'classes': the class list is empty"),
+    ("classes", ["cat", "cat"], r"'classes': duplicate class names"),
+    ("templates", ["a photo"], r"'templates': templates must contain exactly one"),
+    ("method", "mcm", r"'method': expected one of neglabel, csp"),
+    ("negatives", _DELETE, r"missing field\(s\) negatives|no 'format' or 'negatives'"),
+    ("params_", {}, r"unknown field\(s\) 'params_'"),
+])
+def test_load_validates_every_field(saved, tiny, field, value, match, versioned):
+    path, data, _ = saved
+    if not versioned:  # files written before the format had a version get the same checks
+        data = {k: v for k, v in data.items() if k not in ("format", "version")}
+    bad = path.with_name("bad.json")
+    bad.write_text(json.dumps(_edit(data, field, value)))  # json writes NaN for nan
+    with pytest.raises(InvalidInputError, match=match) as e:
+        vlmood.NegLabel.load(bad, tiny)
+    assert "bad.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_negative_with_unknown_pos(saved, tiny):
+    """Version 1 files store templates for every part of speech they use: an unknown one is an error. Files from
+    before the version fell back to the noun templates (as the detector does): they still load that way."""
+    path, data, det = saved
+    data["negatives"][0]["pos"] = "verb"
+    with pytest.raises(InvalidInputError, match=r"bad\.json: invalid field 'negatives\[0\]\.pos': 'verb' has no "
+                                                r"templates in neg_templates \(noun, adj\)"):
+        vlmood.NegLabel.load(write_json(path.with_name("bad.json"), data), tiny)
+    old = {k: v for k, v in data.items() if k not in ("format", "version")}
+    loaded = vlmood.NegLabel.load(write_json(path.with_name("old.json"), old), tiny)
+    assert loaded.negatives_[0][1] == "verb" and loaded._templates_for("verb") == ["the nice {}"]
+
+
+def test_saved_templates_cover_every_part_of_speech(tiny, small_lexicon, tmp_path):
+    d, _, _ = small_lexicon
+    (d / "verb.motion.txt").write_text("run\njump\nswim\nfly\n")
+    det = vlmood.NegLabel(tiny, ["cat", "dog"], lexicon=str(d), ratio=0.5, ngroups=2)
+    det.save(tmp_path / "verbs.json")
+    data = json.loads((tmp_path / "verbs.json").read_text())
+    assert "verb" in {n["pos"] for n in data["negatives"]} and data["neg_templates"]["verb"] == ["the nice {}"]
+    assert vlmood.NegLabel.load(tmp_path / "verbs.json", tiny).negatives_ == det.negatives_
+
+
+@pytest.mark.parametrize("content,match", [
+    ('[{"label": "rock", "pos": "noun"}]', r"not a saved NegLabel/CSP detector: it holds a JSON list"),
+    ('{"id": "toy", "ood": {}, "metrics": {}}', r"not a saved NegLabel/CSP detector \(no 'format' or 'negatives'"),
+    ('{"format": "vlmood.report", "version": 1}', r"its format is 'vlmood.report', not 'vlmood.neglabel'"),
+    ('{"format": "vlmood.neglabel", "version": 7}', r"format version 7; this vlmood reads versions up to 1"),
+    ('{"format": "vlmood.neglabel", "version": true}', r"'version': expected a positive integer"),
+    ('{"negatives": ', r"invalid JSON"),
+])
+def test_load_refuses_other_kinds_of_file(tiny, tmp_path, content, match):
+    f = tmp_path / "other.json"
+    f.write_text(content)
+    with pytest.raises(InvalidInputError, match=match) as e:
+        vlmood.NegLabel.load(f, tiny)
+    assert "other.json" in str(e.value)
+
+
+def test_load_non_utf8_file_and_overrides(saved, tiny):
+    path, data, _ = saved
+    latin = path.with_name("latin.json")
+    latin.write_bytes(json.dumps(data).replace('"cat"', '"caf\\u00e9"').encode().replace(b"\\u00e9", b"\xe9"))
+    with pytest.raises(InvalidInputError, match=r"latin\.json is not UTF-8"):
+        vlmood.NegLabel.load(latin, tiny)
+    with pytest.raises(InvalidInputError, match=r"neg\.json holds 11 negatives, fewer than ngroups=12"):
+        vlmood.NegLabel.load(path, tiny, ngroups=12)
+    with pytest.raises(InvalidInputError, match="temperature must be a positive finite number, got nan"):
+        vlmood.NegLabel.load(path, tiny, temperature=float("nan"))
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"temperature": float("nan")}, "temperature must be a positive finite number, got nan"),
+    ({"temperature": -0.01}, "temperature must be a positive finite number, got -0.01"),
+    ({"percentile": float("nan")}, r"percentile must be in \[0, 1\], got nan"),
+    ({"ratio": float("nan")}, r"ratio must be in \(0, 1\], got nan"),
+    ({"ngroups": True}, "ngroups must be a positive integer, got True"),
+    ({"neg_templates": {"adj": "This is a {} photo"}}, "neg_templates must .* include 'noun'"),
+])
+def test_neglabel_settings_refuse_nan_and_wrong_types(tiny, small_lexicon, kw, match):
+    d, _, _ = small_lexicon
+    with pytest.raises(InvalidInputError, match=match):
+        vlmood.NegLabel(tiny, ["cat"], lexicon=str(d), **kw)
+
+
+def test_mining_refuses_non_finite_embeddings():
+    ids, cands = np.eye(3), np.eye(3)
+    cands[1, 0] = np.nan
+    with pytest.raises(InvalidInputError, match="1 of the 3 candidate label embeddings contain NaN"):
+        mine(ids, cands, 0.95, 1.0)
+    with pytest.raises(InvalidInputError, match="percentile must be in"):
+        percentile_similarity(ids, ids, float("nan"))

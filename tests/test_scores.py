@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vlmood import scores
+from vlmood.errors import InvalidInputError
 
 
 def softmax(x):
@@ -60,3 +61,28 @@ def test_kernel_input_errors(sims):
         scores.glmcm(sims, sims)
     with pytest.raises(ValueError, match="rows"):
         scores.glmcm(sims, np.zeros((3, 2, 7)))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "100"])
+def test_logit_scale_must_be_finite_positive(sims, bad):
+    """A zero scale made every MaxLogit/Energy score 0 (a negative one inverts the ranking), silently."""
+    if bad == "100":  # a number-like string is read as the number
+        np.testing.assert_allclose(scores.max_logit(sims, bad), 100.0 * sims.max(axis=1))
+        return
+    for kernel in (scores.max_logit, scores.energy):
+        with pytest.raises(InvalidInputError, match="logit_scale must be a finite number > 0"):
+            kernel(sims, bad)
+
+
+def test_nan_similarities_give_nan_scores(sims):
+    """A row of non-finite features scores NaN (which every decision treats as OOD); the other rows are unchanged."""
+    bad = sims.copy()
+    bad[3] = np.nan
+    local = np.repeat(sims[:, None, :], 2, axis=1)
+    local_bad = np.repeat(bad[:, None, :], 2, axis=1)
+    for got, ref in [(scores.mcm(bad), scores.mcm(sims)), (scores.max_logit(bad, 10.0), scores.max_logit(sims, 10.0)),
+                     (scores.energy(bad, 10.0), scores.energy(sims, 10.0)),
+                     (scores.glmcm(bad, local_bad), scores.glmcm(sims, local)),
+                     (scores.neglabel(bad, bad, ngroups=1), scores.neglabel(sims, sims, ngroups=1))]:
+        assert np.isnan(got[3]) and np.isfinite(np.delete(got, 3)).all()
+        np.testing.assert_array_equal(np.delete(got, 3), np.delete(ref, 3))

@@ -16,8 +16,8 @@ from vlmood.text.embed import cache_namespace
 def test_bundled_templates_and_classes():
     assert len(load_templates("imagenet80")) == 80
     assert load_templates("imagenet7")[0] == "itap of a {}."
-    assert load_templates(None) == ["a photo of a {}."]
-    assert load_templates("neglabel_noun") == ["the nice {}."]
+    assert load_templates(None) == ["a photo of a {}"]
+    assert load_templates("neglabel_noun") == ["the nice {}"]
     assert load_templates("neglabel_adj") == ["This is a {} photo"]
     inet = load_classes("imagenet1k")
     assert len(inet) == 1000 and inet[0] == "tench" and inet[744] == "projectile"
@@ -172,3 +172,56 @@ def test_texts_must_be_strings(tiny):
         embed_texts(tiny, "a cat")
     with pytest.raises(InvalidInputError, match="must be strings"):
         embed_texts(tiny, ["a", 3])
+
+
+def test_non_finite_text_embeddings_raise_naming_the_prompts(tiny, tmp_path, monkeypatch):
+    from vlmood.errors import VlmoodError
+
+    bad_tokens = tiny.tokenize(["a photo of a sea urchin."])[0][0]
+    real = type(tiny)._encode_token_batch
+
+    def overflow(self, tokens, length):  # fp16 overflow on one prompt
+        out = real(self, tokens, length).clone()
+        out[(tokens.cpu() == bad_tokens).all(dim=1)] = float("inf")
+        return out
+
+    monkeypatch.setattr(type(tiny), "_encode_token_batch", overflow)
+    cache = EmbeddingCache(tmp_path / "c")
+    with pytest.raises(VlmoodError, match=r"non-finite text embeddings .*1 prompt.*'a photo of a sea urchin\.'"):
+        embed_texts(tiny, PROMPTS, cache=cache)
+    with pytest.raises(VlmoodError, match="sea urchin"):
+        class_embeddings(tiny, ["cat", "sea urchin"], ["a photo of a {}."], cache=None)
+    monkeypatch.setattr(type(tiny), "_encode_token_batch", real)
+    cached = cache.get(cache_namespace(tiny), PROMPTS)
+    assert sorted(cached) == [0, 1, 2, 4, 5]  # the finite ones were kept, the Inf one never cached
+    assert torch.allclose(embed_texts(tiny, PROMPTS, cache=cache), embed_texts(tiny, PROMPTS), atol=1e-6)
+
+
+def test_cache_refuses_and_never_serves_non_finite_rows(tiny, tmp_path):
+    from safetensors.torch import save
+
+    from vlmood.text.cache import _checksum, prompt_key
+
+    cache = EmbeddingCache(tmp_path / "c")
+    emb = F.normalize(torch.randn(3, 8), dim=-1)
+    emb[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite.*'b'"):
+        cache.put("ns", ["a", "b", "c"], emb)
+    assert not list((tmp_path / "c").rglob("*.safetensors"))
+    # a shard written by an older version with a NaN row: the row is a miss, the others are hits
+    folder = cache.folder("ns")
+    folder.mkdir(parents=True)
+    keys = torch.tensor([list(prompt_key(t)) for t in "abc"], dtype=torch.uint8)
+    (folder / "old.safetensors").write_bytes(
+        save({"keys": keys, "emb": emb}, metadata={"checksum": _checksum(keys, emb), "count": "3"}))
+    got = EmbeddingCache(tmp_path / "c").get("ns", ["a", "b", "c"])
+    assert sorted(got) == [0, 2] and torch.equal(got[2], emb[2])
+
+
+def test_keys_with_undecodable_file_name_bytes(tmp_path):
+    name = b"caf\xe9.png".decode("utf-8", "surrogateescape")  # a Latin-1 file name as os.listdir returns it
+    cache = EmbeddingCache(tmp_path / "c")
+    emb = F.normalize(torch.randn(2, 8), dim=-1)
+    cache.put("ns", [name, "café.png"], emb)
+    got = cache.get("ns", ["café.png", name])
+    assert torch.equal(got[0], emb[1]) and torch.equal(got[1], emb[0])

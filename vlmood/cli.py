@@ -4,16 +4,37 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from .errors import ImageLoadError, VlmoodError
+from ._io import printable, read_text
+from .errors import EncoderLoadError, ImageLoadError, VlmoodError, WorkerKilledError
+
+
+class _StoreOnce(argparse.Action):
+    """The default ``store`` action, but an option given twice is an error: with plain ``store`` the later value
+    silently replaces the earlier one (``--classes a,b --classes c,d`` would score with ``c,d`` alone)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        seen = namespace.__dict__.setdefault("_given_once", {})
+        if self.dest in seen:
+            parser.error(f"{option_string} given twice ({seen[self.dest]!r} and {values!r}); give it once")
+        seen[self.dest] = values
+        setattr(namespace, self.dest, values)
 
 
 class _Parser(argparse.ArgumentParser):
-    """Bad arguments: one line naming the problem on stderr, exit status 2."""
+    """Bad arguments: one line naming the problem on stderr, exit status 2. Single-value options may be given
+    only once (repeatable ones use ``action="append"``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -25,6 +46,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
                    help="autocast precision (default: bf16/fp16 on CUDA, fp32 on CPU)")
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite float (``nan``/``inf`` would silently compare False with every score)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _method(name: str) -> str:
@@ -54,12 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--templates", default=None, metavar="NAME_OR_FILE",
                    help="prompt templates: simple, imagenet7, imagenet80, or a file with one per line "
                         "(default: the method's own; simple for MCM-style methods)")
-    s.add_argument("--threshold", type=float, default=None,
-                   help="scores below this are flagged is_ood=1 (omit: no is_ood column values)")
+    s.add_argument("--threshold", type=_finite, default=None,
+                   help="scores below this (and NaN scores) are flagged is_ood=1 (omit: no is_ood column values)")
     s.add_argument("--out", required=True, metavar="CSV", help="output CSV path")
     s.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="unreadable images: stop (raise, default) or list them in the output and go on (skip)")
     s.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    s.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
 
     v = sub.add_parser("eval", help="evaluate detectors on an ID set and OOD sets; writes a report",
                        description="Encode every image once, score it with every method, and write report.md, "
@@ -98,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--lexicon", default="neglabel",
                    help="neglabel (default), nouns, adjectives, wordnet, or a lexicon folder/file")
     n.add_argument("--pool", choices=("neglabel", "csp"), default="neglabel", help="candidate pool (default neglabel)")
-    n.add_argument("--percentile", type=float, default=0.95, help="similarity quantile (default 0.95)")
-    n.add_argument("--ratio", type=float, default=0.15, help="fraction kept per part of speech (default 0.15)")
+    n.add_argument("--percentile", type=_finite, default=0.95, help="similarity quantile (default 0.95)")
+    n.add_argument("--ratio", type=_finite, default=0.15, help="fraction kept per part of speech (default 0.15)")
     n.add_argument("--ngroups", type=int, default=100,
                    help="groups a saved .json detector scores with (default 100; at most the number of negatives)")
     n.add_argument("--out", required=True, metavar="FILE", help="negatives.txt or detector.json")
@@ -114,21 +147,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _require_nonempty(args: argparse.Namespace, *flags: str) -> None:
+    """An empty path or name (``--images ""``) would mean the current folder: refuse it."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if isinstance(value, str) and not value.strip():
+            hint = " (use '.' for the current folder)" if flag in ("--images", "--id", "--root") else ""
+            raise _UsageError(f"{flag} is empty; give a value{hint}")
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """``path`` (a file or folder to create or overwrite) can be written: its nearest existing ancestor is a
+    folder we may write into. Checked before any model loads, so a typo does not cost a whole run."""
+    target = Path(os.path.abspath(path))
+    base = _nearest_existing(target)
+    if base != target and not base.is_dir():
+        raise _UsageError(f"{flag} {printable(path)}: {printable(str(base))} is a file, not a folder")
+    # the folder that receives new entries: an existing folder itself, the folder of an existing file
+    # (replaced through a temporary file beside it), or the nearest existing ancestor of a new path
+    folder = (target if target.is_dir() else target.parent) if base == target else base
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise _UsageError(f"{flag} {printable(path)}: cannot write into {printable(str(folder))} (permission denied)")
+
+
 def _check_output_file(path: str, flag: str) -> Path:
+    if not path.strip():
+        raise _UsageError(f"{flag} is empty; give a file path")
     out = Path(path)
     if out.is_dir():
-        raise _UsageError(f"{flag} {path} is a folder; give a file path")
-    parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise _UsageError(f"{flag}: cannot write into {parent}")
+        raise _UsageError(f"{flag} {printable(path)} is a folder; give a file path")
+    _check_writable(path, flag)
     return out
 
 
 def _check_output_dir(path: str, flag: str) -> Path:
+    if not path.strip():
+        raise _UsageError(f"{flag} is empty; give a folder (use '.' for the current folder)")
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise _UsageError(f"{flag} {path} exists and is not a folder")
+        raise _UsageError(f"{flag} {printable(path)} exists and is not a folder")
+    _check_writable(path, flag)
     return out
+
+
+def _check_not_inside(report: str, sources: Sequence[Any]) -> None:
+    """A report folder inside an image folder would have its plots read as images by the next run."""
+    rep = Path(os.path.realpath(report))
+    for src in sources:
+        if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
+            folder = Path(os.path.realpath(src))
+            if rep == folder or folder in rep.parents:
+                raise _UsageError(f"--report {printable(report)} is inside the image folder {printable(str(src))}; "
+                                  "its plots would be read as images by the next run: choose another folder")
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -147,12 +224,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from .features import extract_features
     from .text import load_classes, load_templates
 
+    # cheap checks first: arguments, then paths, then the model (a typo should not wait for a model to load)
     _check_counts(args)
-    # cheap checks first: a typo should not wait for a model to load
+    _require_nonempty(args, "--images", "--classes", "--templates")
     spec = parse_spec(args.model)
     classes = load_classes(args.classes)
-    templates = load_templates(args.templates) if args.templates else None  # None: the method's own default
+    templates = load_templates(args.templates) if args.templates is not None else None  # None: the method's own
     out = _check_output_file(args.out, "--out")
+    if Path(args.images).is_file() and os.path.realpath(args.images) == os.path.realpath(out):
+        raise _UsageError(f"--out {printable(args.out)} is the --images manifest itself; it would be overwritten")
     items = list_images(args.images)
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
     det = make_detector(args.method, encoder, classes, templates=templates)
@@ -160,9 +240,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
         encoder.require_local()
     det.fit()
     feats = extract_features(encoder, PathSource(items, name=str(args.images)), local=det.needs_local,
-                             batch_size=args.batch_size, on_error=args.on_error)
+                             batch_size=args.batch_size, on_error=args.on_error, cache=not args.no_cache)
     for path, err in feats.errors:
-        print(f"vlmood: skipped: {err}", file=sys.stderr)
+        print(f"vlmood: skipped: {printable(err)}", file=sys.stderr)
     scores = det.score_features(feats)
     labels = det.classify_features(feats)
     row = {path: i for i, path in enumerate(feats.ids)}
@@ -170,64 +250,105 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     from .text.cache import atomic_write_bytes
 
+    thr = args.threshold
+    flagged = None if thr is None else ~(scores >= thr)  # NaN scores are OOD, never ID
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "class", "score", "is_ood", "error"])
     for item in items:
         if item.path in errors:
-            w.writerow([item.path, "", "", "", errors[item.path]])
+            w.writerow([printable(item.path), "", "", "", printable(errors[item.path])])
             continue
         k = row[item.path]
-        is_ood = "" if args.threshold is None else int(scores[k] < args.threshold)
-        w.writerow([item.path, det.classes[labels[k]], f"{scores[k]:.8g}", is_ood, ""])
-    atomic_write_bytes(out, buf.getvalue().encode())
-    n_ood = "" if args.threshold is None else f", {int(np.sum(scores < args.threshold))} flagged OOD"
-    print(f"scored {len(feats)} image(s) with {args.method}{n_ood}; skipped {len(errors)}; wrote {out}")
+        is_ood = "" if flagged is None else int(flagged[k])
+        w.writerow([printable(item.path), det.classes[labels[k]], f"{scores[k]:.8g}", is_ood, ""])
+    atomic_write_bytes(out, buf.getvalue().encode("utf-8"))
+    n_ood = "" if flagged is None else f", {int(np.sum(flagged))} flagged OOD"
+    print(f"scored {len(feats)} image(s) with {args.method}{n_ood}; skipped {len(errors)}; wrote {printable(str(out))}")
     return 0
 
 
+def _parse_methods(text: str) -> list[str]:
+    """``--methods``: comma-separated names, canonicalised; a method given twice is refused."""
+    from .detectors import canonical_method
+
+    methods: dict[str, str] = {}
+    for raw in (m.strip() for m in text.split(",")):
+        if not raw:
+            continue
+        key = canonical_method(raw)
+        if key in methods:
+            same = f" (as {methods[key]!r} and {raw!r})" if methods[key] != raw else ""
+            raise _UsageError(f"--methods lists {key!r} twice{same}; give each method once")
+        methods[key] = raw
+    if not methods:
+        raise _UsageError("--methods is empty")
+    return list(methods)
+
+
 def _parse_ood(values: list[str]) -> dict[str, dict[str, str]]:
+    """``--ood [GROUP/]NAME=SOURCE`` values as ``{group: {name: source}}``; a name given twice is refused."""
     groups: dict[str, dict[str, str]] = {}
+    seen: dict[str, str] = {}
     for v in values:
         key, sep, src = v.partition("=")
-        if not sep or not key or not src:
-            raise _UsageError(f"--ood expects [GROUP/]NAME=SOURCE, got {v!r}")
         group, _, name = key.rpartition("/")
-        if not name.strip() or name == "ID":
-            raise _UsageError(f"--ood {v!r}: the set needs a name other than 'ID'")
-        groups.setdefault(group or "ood", {})[name] = src
+        group, name = group.strip() or "ood", name.strip()
+        if not sep or not name:
+            raise _UsageError(f"--ood expects [GROUP/]NAME=SOURCE, got {v!r}")
+        if not src.strip():
+            raise _UsageError(f"--ood {v!r}: the SOURCE is empty; give a folder, glob, manifest or hf:NAME")
+        if name in ("ID", "mean") or group == "ID":
+            raise _UsageError(f"--ood {v!r}: the set needs a name other than 'ID' and 'mean', and a group other "
+                              "than 'ID' (reserved for the ID set and the group means)")
+        if name in seen:
+            raise _UsageError(f"--ood: the set name {name!r} is given twice ({seen[name]!r} and {v!r}); "
+                              "each OOD set needs its own name")
+        seen[name] = v
+        groups.setdefault(group, {})[name] = src
     return groups
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .detectors import canonical_method
     from .encoders import load_encoder, parse_spec
     from .evaluation import Benchmark, load_suite
+    from .text import load_templates
 
     _check_counts(args)
-    methods = [canonical_method(m.strip()) for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise _UsageError("--methods is empty")
-    _check_output_dir(args.report, "--report")
+    methods = _parse_methods(args.methods)
+    _require_nonempty(args, "--suite", "--root", "--classes", "--id", "--templates")
     spec = parse_spec(args.model)
-    if args.suite:
-        if not args.root:
+    if args.templates is not None:
+        load_templates(args.templates)
+    if args.suite is not None:
+        given = [f for f, v in (("--classes", args.classes), ("--id", args.id), ("--ood", args.ood)) if v]
+        if given:
+            raise _UsageError(f"--suite defines the classes and image sets; drop {', '.join(given)} "
+                              "(or drop --suite to give your own)")
+        if args.root is None:
             raise _UsageError("--suite needs --root DIR (the folder holding the suite's data)")
+        _check_output_dir(args.report, "--report")
         bench = load_suite(args.suite, args.root, on_error=args.on_error,
-                           **({"templates": args.templates} if args.templates else {}))
+                           **({"templates": args.templates} if args.templates is not None else {}))
     else:
+        if args.root is not None:
+            raise _UsageError("--root is only used with --suite")
         missing = [f for f, v in (("--classes", args.classes), ("--id", args.id), ("--ood", args.ood)) if not v]
         if missing:
             raise _UsageError(f"give {', '.join(missing)} (or --suite with --root)")
-        bench = Benchmark(id=args.id, ood=_parse_ood(args.ood), classes=args.classes, templates=args.templates,
+        ood = _parse_ood(args.ood)
+        _check_output_dir(args.report, "--report")
+        bench = Benchmark(id=args.id, ood=ood, classes=args.classes, templates=args.templates,
                           name=f"{spec}", on_error=args.on_error)
+    _check_not_inside(args.report, [bench.id, *(src for g in bench.ood.values() for src in g.values())])
+    bench.open_sources()  # every folder, glob and manifest is scanned before the model loads
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
     report = bench.run(encoder, methods, cache=not args.no_cache, batch_size=args.batch_size,
                        num_workers=args.workers)
     paths = report.save(args.report)
     print(report.to_markdown())
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    print(f"wrote {', '.join(printable(str(p)) for p in paths.values())}")
     return 0
 
 
@@ -237,11 +358,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.n < 10:
         raise _UsageError(f"--n must be at least 10, got {args.n}")
+    _check_output_dir(args.report, "--report")
     encoder = load_encoder("toyworld", device=args.device)
     report = toyworld.benchmark(args.n).run(encoder, toyworld.demo_detectors())
     paths = report.save(args.report)
     print(report.to_markdown())
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    print(f"wrote {', '.join(printable(str(p)) for p in paths.values())}")
     return 0
 
 
@@ -252,6 +374,7 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
 
     from . import lexicons
 
+    _require_nonempty(args, "--classes", "--lexicon")
     spec = parse_spec(args.model)
     classes = load_classes(args.classes)
     out = _check_output_file(args.out, "--out")
@@ -278,31 +401,37 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for _, p in det.negatives_:
         counts[p] = counts.get(p, 0) + 1
-    print(f"mined {len(det.negatives_)} negatives ({', '.join(f'{k}: {v}' for k, v in counts.items())}); wrote {out}")
+    print(f"mined {len(det.negatives_)} negatives ({', '.join(f'{k}: {v}' for k, v in counts.items())}); "
+          f"wrote {printable(str(out))}")
     return 0
 
 
 def _cmd_embed_texts(args: argparse.Namespace) -> int:
-    from .encoders import load_encoder
+    from .encoders import load_encoder, parse_spec
     from .text import class_prompts, embed_texts, load_classes, load_templates
     from .text.embed import default_cache
 
     _check_counts(args)
-    if not args.prompts and not args.classes:
+    _require_nonempty(args, "--prompts", "--classes", "--templates")
+    if args.prompts is None and args.classes is None:
         raise _UsageError("give --prompts FILE and/or --classes FILE_OR_LIST")
+    if args.templates is not None and args.classes is None:
+        raise _UsageError("--templates expands --classes; give --classes too (templates are not applied to --prompts)")
+    spec = parse_spec(args.model)
     prompts: list[str] = []
-    if args.prompts:
+    if args.prompts is not None:
         p = Path(args.prompts)
         if not p.is_file():
-            raise _UsageError(f"prompts file not found: {p}")
-        prompts += [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if args.classes:
+            raise _UsageError(f"prompts file not found: {printable(str(p))}")
+        prompts += [ln.strip() for ln in read_text(p, "prompts file").splitlines() if ln.strip()]
+    if args.classes is not None:
         prompts += class_prompts(load_classes(args.classes), load_templates(args.templates))
     if not prompts:
-        raise _UsageError(f"no prompts in {args.prompts}")
-    encoder = load_encoder(args.model, device=args.device, precision=args.precision)
+        raise _UsageError(f"no prompts in {printable(str(args.prompts))}")
+    encoder = load_encoder(spec, device=args.device, precision=args.precision)
     embed_texts(encoder, prompts, batch_size=args.batch_size, cache=True, progress=True)
-    print(f"cached {len(set(prompts))} prompt embedding(s) for {encoder.spec} in {default_cache().root}")
+    root = printable(str(default_cache().root))
+    print(f"cached {len(set(prompts))} prompt embedding(s) for {encoder.spec} in {root}")
     return 0
 
 
@@ -310,19 +439,68 @@ class _UsageError(Exception):
     pass
 
 
+def _non_utf8(argv: Sequence[str]) -> str | None:
+    """The first argument holding bytes that are not UTF-8 (decoded by Python as lone surrogates), if any."""
+    for a in argv:
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError:
+            return a
+    return None
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """Warnings in the CLI: one line each, ``vlmood: warning: ...``."""
+    print(f"vlmood: warning: {printable(str(message))}", file=sys.stderr)
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OS failure: the reason and, when known, the file."""
+    name = e.filename
+    if name is None:
+        return printable(e.strerror or str(e))
+    name = os.fsdecode(name) if isinstance(name, (str, bytes)) else str(name)
+    return f"{printable(e.strerror or str(e))}: {printable(name)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bad = _non_utf8(argv)
+    if bad is not None:
+        print(f"vlmood: error: argument '{printable(bad)}' is not valid UTF-8; arguments must be UTF-8 text "
+              "(rename a file or folder with such a name, e.g. convmv -f latin1 -t utf8 --notest NAME)",
+              file=sys.stderr)
+        return 2
+    for stream in (sys.stdout, sys.stderr):  # a Latin-1 or ASCII console must not turn the table's arrows into a crash
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad argument (2, already printed as one line): a status, not an exit
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     commands = {"score": _cmd_score, "eval": _cmd_eval, "demo": _cmd_demo, "mine-negatives": _cmd_mine_negatives,
                 "embed-texts": _cmd_embed_texts}
-    try:
-        return commands[args.command](args)
-    except ImageLoadError as e:
-        print(f"vlmood {args.command}: error: {e} (use --on-error skip to go on)", file=sys.stderr)
-        return 1
-    except (_UsageError, VlmoodError) as e:
-        print(f"vlmood {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return commands[args.command](args)
+        except KeyboardInterrupt:
+            print(f"vlmood {args.command}: interrupted (the feature cache keeps what was encoded: run the same "
+                  "command again to resume)", file=sys.stderr)
+            return 130
+        except ImageLoadError as e:
+            print(f"vlmood {args.command}: error: {printable(str(e))} (use --on-error skip to go on)", file=sys.stderr)
+            return 1
+        except (EncoderLoadError, WorkerKilledError) as e:  # the environment failed, not the arguments
+            print(f"vlmood {args.command}: error: {printable(str(e))}", file=sys.stderr)
+            return 1
+        except (_UsageError, VlmoodError) as e:
+            print(f"vlmood {args.command}: error: {printable(str(e))}", file=sys.stderr)
+            return 2
+        except OSError as e:  # the environment failed (disk full, permission denied, ...): one line, no traceback
+            print(f"vlmood {args.command}: error: {_os_error(e)}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -20,3 +20,11 @@ class CheckpointMismatchError(EncoderLoadError):
 
 class ImageLoadError(VlmoodError, OSError):
     """An image file is missing, unreadable, empty, not an image, or absurdly large."""
+
+
+class WorkerKilledError(VlmoodError, RuntimeError):
+    """A DataLoader decoding worker was killed by the operating system (usually the out-of-memory killer)."""
+
+
+class NonFiniteEmbeddingError(VlmoodError, ValueError):
+    """The text encoder returned NaN/Inf for some prompts (fp16 overflow, broken weights)."""

@@ -1,17 +1,23 @@
 """Image features, computed once per (encoder, image) and cached on disk, then scored by any number of detectors."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
+import time
+import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ._io import printable
 from .data import ImageSource, as_source
-from .errors import ImageLoadError, InvalidInputError
+from .errors import ImageLoadError, InvalidInputError, WorkerKilledError
 from .text.cache import EmbeddingCache
 from .text.embed import CacheArg
 
@@ -19,7 +25,53 @@ if TYPE_CHECKING:
     from .encoders.base import Encoder
 
 _FEATURE_ENGINE_VERSION = "feat-v1"
-_FLUSH_BYTES = 128 << 20  # write a cache shard at least every ~128 MB of new features (resumable runs)
+# Resumable runs: newly encoded features are written to the cache as a shard at least every _FLUSH_IMAGES images,
+# every _FLUSH_SECONDS seconds or every _FLUSH_BYTES bytes, whichever comes first, and on every way out of the
+# loop (an exception, Ctrl-C, SIGTERM). A SIGKILL (or power loss) loses at most the last interval.
+_FLUSH_IMAGES = 2048
+_FLUSH_SECONDS = 60.0
+_FLUSH_BYTES = 128 << 20
+_MAX_NAMED = 5  # images named in an error message, then a count
+
+
+class _Signalled(BaseException):
+    """SIGTERM (or a SIGINT without Python's handler) during extraction: unwinds so that the features computed
+    so far are flushed; :func:`extract_features` then ends the process as the signal's default action would."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """While extracting, turn SIGTERM (and SIGINT when it has no handler) into :class:`_Signalled`.
+
+    Only in the main thread, and only for signals whose disposition is the default action: a handler installed
+    by the application is left alone (if it raises, the flush runs anyway). The previous disposition is
+    restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def unwind(signum: int, frame: Any) -> None:
+        raise _Signalled(signum)
+
+    installed = [sig for sig in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(sig) is signal.SIG_DFL]
+    for sig in installed:
+        signal.signal(sig, unwind)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def _die_of(signum: int) -> None:
+    """End the process as the default action of ``signum`` would (its handler is the default again)."""
+    os.kill(os.getpid(), signum)
+    time.sleep(1.0)  # the signal is normally delivered before kill() returns
+    raise SystemExit(128 + signum)
 
 
 @dataclass
@@ -124,12 +176,19 @@ def extract_features(
             list of paths or PIL images, ``datasets.Dataset``).
         local: also compute per-patch features ``[N, P, D]`` (GL-MCM).
         cache: feature cache (``True``: ``$VLMOOD_CACHE/features``). Keys: encoder fingerprint, precision,
-            preprocessing, and image identity (path + size + mtime, or a content hash). Shards are written
-            during the run, so an interrupted run resumes where it stopped.
+            preprocessing, and image identity (sha256 of the file's bytes, of an in-memory image's pixels, or
+            of a dataset image's encoded bytes). Shards are written during the run (at least every 2,048 images or 60 seconds) and when it stops on an exception,
+            Ctrl-C or SIGTERM, so an interrupted run resumes where it stopped; a killed one (SIGKILL) loses at
+            most the last interval. A read-only or full cache folder gives one warning and no caching.
         batch_size: images per forward pass (default ``encoder.image_batch_size``).
         num_workers: DataLoader decoding workers (default ``min(4, cpus - 1)``).
-        on_error: ``"raise"`` stops at the first unreadable image; ``"skip"`` records it in ``errors``.
+        on_error: ``"raise"`` stops at the first unreadable image (or image whose features are NaN/Inf, which
+            are never returned or cached); ``"skip"`` records it in ``errors``.
         progress: progress bar with ETA (``None``: on a terminal).
+
+    Raises:
+        ImageLoadError: an unreadable image or non-finite features, with ``on_error="raise"``.
+        WorkerKilledError: a decoding worker was killed by the OS (out of memory); names the images in flight.
     """
     if on_error not in ("raise", "skip"):
         raise InvalidInputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -145,59 +204,19 @@ def extract_features(
         raise InvalidInputError(f"image source {src.name!r} is empty")
     store = _feature_cache(cache)
     ns = feature_namespace(encoder, local)
-    keys = [src.identity(i) for i in range(n)] if store is not None else []
+    keys = src.identities() if store is not None else []
     vecs: dict[int, torch.Tensor] = store.get(ns, keys) if store is not None else {}
     missing = [i for i in range(n) if i not in vecs]
     errors: dict[int, str] = {}
     d = encoder.embed_dim
 
     if missing:
-        bs = batch_size or encoder.image_batch_size
-        workers = _default_workers() if num_workers is None else num_workers
-        if len(missing) <= bs:
-            workers = 0  # not worth starting processes
-        loader = DataLoader(
-            _Decoded(src, missing, encoder.preprocess), batch_size=bs, num_workers=workers, collate_fn=_collate,
-            pin_memory=encoder.device.type == "cuda", persistent_workers=False,
-        )
-        pending_keys: list[str] = []
-        pending: list[torch.Tensor] = []
-        pending_bytes = 0
-
-        def flush() -> None:
-            nonlocal pending_bytes
-            if store is not None and pending:
-                rows = torch.cat(pending)
-                store.put(ns, pending_keys, rows)
-                if local:  # a later global-only run (MCM, Energy, ...) reuses these too
-                    store.put(feature_namespace(encoder, False), pending_keys, rows[:, :d])
-            pending_keys.clear()
-            pending.clear()
-            pending_bytes = 0
-
-        disable = (not progress) if progress is not None else None
-        with tqdm(total=len(missing), desc=f"encoding {src.name}", unit="img", disable=disable, leave=False,
-                  file=sys.stderr) as bar:
-            for idx, batch, bad in loader:
-                for i, msg in bad:
-                    if on_error == "raise":
-                        flush()
-                        raise ImageLoadError(msg)
-                    errors[i] = msg
-                if batch is not None:
-                    out = encoder.encode_images(batch, local=local)
-                    g, loc = out if local else (out, None)
-                    rows = torch.cat([g, loc.flatten(1)], dim=1) if loc is not None else g
-                    for k, i in enumerate(idx):
-                        vecs[i] = rows[k]
-                    if store is not None:
-                        pending_keys.extend(keys[i] for i in idx)
-                        pending.append(rows)
-                        pending_bytes += rows.numel() * 4
-                        if pending_bytes >= _FLUSH_BYTES:
-                            flush()
-                bar.update(len(idx) + len(bad))
-        flush()
+        try:
+            with _signals_unwind():
+                _encode_missing(encoder, src, missing, keys, vecs, errors, store, ns, local, batch_size,
+                                num_workers, on_error, progress)
+        except _Signalled as s:
+            _die_of(s.signum)
 
     order = [i for i in range(n) if i in vecs]
     if not order:
@@ -213,3 +232,98 @@ def extract_features(
         errors=[(src.ids[i], errors[i]) for i in sorted(errors)],
         name=src.name,
     )
+
+
+def _names(src: ImageSource, indices: Sequence[int]) -> str:
+    shown = ", ".join(printable(src.ids[i]) for i in indices[:_MAX_NAMED])
+    return shown + (f" and {len(indices) - _MAX_NAMED} more" if len(indices) > _MAX_NAMED else "")
+
+
+def _encode_missing(encoder: "Encoder", src: ImageSource, missing: list[int], keys: list[str],
+                    vecs: dict[int, torch.Tensor], errors: dict[int, str], store: EmbeddingCache | None, ns: str,
+                    local: bool, batch_size: int | None, num_workers: int | None, on_error: str,
+                    progress: bool | None) -> None:
+    """Decode and encode the ``missing`` images into ``vecs``/``errors``, writing cache shards as it goes.
+
+    Whatever stops the loop (an unreadable image with ``on_error="raise"``, an exception in the encoder,
+    Ctrl-C, SIGTERM, a killed decoding worker), the features computed so far are flushed to the cache first.
+    """
+    d = encoder.embed_dim
+    bs = batch_size or encoder.image_batch_size
+    workers = _default_workers() if num_workers is None else num_workers
+    if len(missing) <= bs:
+        workers = 0  # not worth starting processes
+    loader = DataLoader(
+        _Decoded(src, missing, encoder.preprocess), batch_size=bs, num_workers=workers, collate_fn=_collate,
+        pin_memory=encoder.device.type == "cuda", persistent_workers=False,
+    )
+    writable = store is not None  # False after a failed write (read-only folder, full disk: warned once)
+    pending_keys: list[str] = []
+    pending: list[torch.Tensor] = []
+    pending_bytes = 0
+    last_flush = time.monotonic()
+    received = 0  # batches received from the loader (sequential sampler: batch b holds missing[b*bs:(b+1)*bs])
+
+    def flush() -> None:
+        nonlocal pending_bytes, last_flush, writable
+        if writable and pending:
+            rows = torch.cat(pending)
+            ok = store.put(ns, pending_keys, rows) is not None
+            if ok and local:  # a later global-only run (MCM, Energy, ...) reuses these too
+                ok = store.put(feature_namespace(encoder, False), pending_keys, rows[:, :d]) is not None
+            writable = ok
+        pending_keys.clear()
+        pending.clear()
+        pending_bytes = 0
+        last_flush = time.monotonic()
+
+    disable = (not progress) if progress is not None else None
+    try:
+        with tqdm(total=len(missing), desc=f"encoding {src.name}", unit="img", disable=disable, leave=False,
+                  file=sys.stderr) as bar:
+            for idx, batch, bad in loader:
+                received += 1
+                for i, msg in bad:
+                    if on_error == "raise":
+                        raise ImageLoadError(msg)
+                    errors[i] = msg
+                if batch is not None:
+                    with warnings.catch_warnings():  # non-finite rows are reported below as image errors
+                        warnings.filterwarnings("ignore", message=r".*gave non-finite features", category=UserWarning)
+                        out = encoder.encode_images(batch, local=local)
+                    g, loc = out if local else (out, None)
+                    rows = torch.cat([g, loc.flatten(1)], dim=1) if loc is not None else g
+                    finite = torch.isfinite(rows).all(dim=1).tolist()
+                    good = [k for k, ok in enumerate(finite) if ok]
+                    for k in good:
+                        vecs[idx[k]] = rows[k]
+                    if writable and good:
+                        pending_keys.extend(keys[idx[k]] for k in good)
+                        pending.append(rows[good])
+                        pending_bytes += len(good) * rows.shape[1] * 4
+                        if (len(pending_keys) >= _FLUSH_IMAGES or pending_bytes >= _FLUSH_BYTES
+                                or time.monotonic() - last_flush >= _FLUSH_SECONDS):
+                            flush()
+                    for k, ok in enumerate(finite):  # never a feature, never cached: like an unreadable image
+                        if not ok:
+                            msg = (f"non-finite features (NaN/Inf) for image {printable(src.ids[idx[k]])}: the "
+                                   "encoder overflowed (fp16? use fp32 precision) or its weights are broken")
+                            if on_error == "raise":
+                                raise ImageLoadError(msg)
+                            errors[idx[k]] = msg
+                bar.update(len(idx) + len(bad))
+    except RuntimeError as e:
+        if workers == 0 or not str(e).startswith("DataLoader worker"):
+            raise
+        prefetch = loader.prefetch_factor or 2
+        first, last = received * bs, min(len(missing), (received + workers * prefetch) * bs)
+        in_flight = missing[first:last]
+        saved = "the images encoded before it are cached, so a re-run resumes there" if writable else "re-run"
+        raise WorkerKilledError(
+            f"a decoding worker was killed by the operating system ({str(e).strip()}), most likely for lack of "
+            f"memory, while decoding {len(in_flight)} image(s): {_names(src, in_flight)}; {saved} (if it "
+            "happens again, decode in the main process with num_workers=0, CLI --workers 0, or use a smaller "
+            "batch size)"
+        ) from e
+    finally:
+        flush()  # keep what was computed, whatever stopped the loop

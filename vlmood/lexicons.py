@@ -12,10 +12,12 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ._io import printable, read_text
 from ._paths import data_root
 from .errors import InvalidInputError
 
@@ -47,12 +49,17 @@ _LICENSE_HEADER = "# WordNet 3.0 Copyright 2006 by Princeton University. All rig
 
 @dataclass(frozen=True)
 class Lexicon:
-    """Unique words with their part of speech (``"noun"``, ``"adj"``, ...) and source file, in a stable order."""
+    """Unique words with their part of speech (``"noun"``, ``"adj"``, ...) and source file, in a stable order.
+
+    ``files``: the word files it was read from, in reading order (empty for a lexicon built by hand); CSP
+    re-reads them to drop whole files before de-duplicating.
+    """
 
     words: tuple[str, ...]
     pos: tuple[str, ...]
     source: tuple[str, ...]
     name: str = "lexicon"
+    files: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.words)
@@ -65,61 +72,91 @@ class Lexicon:
 
 
 def _read_words(path: Path) -> list[str]:
-    if not path.is_file():
-        raise InvalidInputError(f"lexicon file not found: {path}")
-    words = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
-             if ln.strip() and not ln.lstrip().startswith("#")]
+    if not path.exists():
+        raise InvalidInputError(f"lexicon file not found: {printable(str(path))}")
+    text = read_text(path, "lexicon file")  # BOM removed; non-UTF-8 -> one-line error naming the file
+    words = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not words:
-        raise InvalidInputError(f"lexicon file {path} is empty")
+        raise InvalidInputError(f"lexicon file {printable(str(path))} is empty")
     return words
+
+
+def file_stem(path: str | os.PathLike) -> str:
+    """The lexicographer name of a word file: ``noun.plant`` for ``.../noun.plant.txt``."""
+    name = Path(path).name
+    return name[: -len(".txt")] if name.endswith(".txt") else name
+
+
+def file_pos(path: str | os.PathLike) -> str:
+    """Part of speech of a word file, from its ``<pos>.<topic>.txt`` name (``noun`` without a dot)."""
+    return _pos_of(file_stem(path))
 
 
 def _pos_of(filename: str) -> str:
     return filename.split(".", 1)[0] if "." in filename else "noun"
 
 
-def load(selection: str | Sequence[str] = "neglabel", root: str | os.PathLike | None = None) -> Lexicon:
-    """Words with their part of speech, de-duplicated across files (first occurrence wins).
-
-    ``selection``: a named selection of the bundled WordNet files (``neglabel`` (default), ``nouns``,
-    ``adjectives``, ``wordnet``); a list of lexicographer file names (``["noun.plant", "adj.all"]``); or a path
-    to a lexicon folder (every ``<pos>.<topic>.txt`` in it: noun files, then adjective files, then the rest,
-    each group by name) or to one word file (part of speech from its name).
-    """
+def selection_files(selection: str | Sequence[str] = "neglabel",
+                    root: str | os.PathLike | None = None) -> tuple[list[Path], str]:
+    """The word files of a selection (see :func:`load`), in reading order, and the selection's display name."""
     folder = Path(root) if root is not None else data_root("lexicons") / WORDNET
     if isinstance(selection, str):
+        if not selection.strip():  # Path("") is the current folder: never scan it by accident
+            raise InvalidInputError("the lexicon selection is empty: give a selection name, a folder or a file")
         p = Path(selection).expanduser()
         if selection in SELECTIONS:
             files = [folder / f"{n}.txt" for n in SELECTIONS[selection]]
         elif p.is_dir():
             rank = {"noun": 0, "adj": 1}  # nouns first, then adjectives, as NegLabel orders its pool
-            files = sorted((f for f in p.glob("*.txt") if f.name != "LICENSE.txt"),
-                           key=lambda f: (rank.get(_pos_of(f.name), 2), f.name))
+            files = sorted((f for f in p.glob("*.txt") if f.name != "LICENSE.txt" and not f.name.startswith(".")),
+                           key=lambda f: (rank.get(file_pos(f), 2), f.name))  # hidden files (._x) are no lexicon
             if not files:
-                raise InvalidInputError(f"lexicon folder {p} has no <pos>.<topic>.txt files")
+                raise InvalidInputError(f"lexicon folder {printable(str(p))} has no <pos>.<topic>.txt files")
         elif p.is_file():
             files = [p]
         else:
             raise InvalidInputError(
-                f"unknown lexicon selection {selection!r}; choose one of {', '.join(SELECTIONS)}, "
+                f"unknown lexicon selection {printable(selection)!r}; choose one of {', '.join(SELECTIONS)}, "
                 "a list of lexicographer files, or a path to a lexicon folder or file"
             )
-        name = selection
-    else:
-        files = [folder / (n if n.endswith(".txt") else f"{n}.txt") for n in selection]
-        if not files:
-            raise InvalidInputError("the lexicon selection is empty")
-        name = "+".join(selection)
+        return files, selection
+    names = [str(n) for n in selection]
+    if not names:
+        raise InvalidInputError("the lexicon selection is empty")
+    files = [folder / (n if n.endswith(".txt") else f"{n}.txt") for n in names]
+    repeated = sorted(n for n, k in Counter(map(file_stem, files)).items() if k > 1)
+    if repeated:
+        raise InvalidInputError(f"lexicon files listed more than once: {', '.join(map(printable, repeated))}")
+    return files, "+".join(names)
+
+
+def load_files(files: Sequence[str | os.PathLike], name: str = "lexicon") -> Lexicon:
+    """Words of ``files`` read in order and de-duplicated across them (first occurrence wins)."""
+    if not files:
+        raise InvalidInputError(f"lexicon {name!r} has no word files")
     words, pos, source, seen = [], [], [], set()
-    for f in files:
-        stem = f.name[: -len(".txt")] if f.name.endswith(".txt") else f.name
+    for f in map(Path, files):
+        stem = file_stem(f)
         for w in _read_words(f):
             if w not in seen:
                 seen.add(w)
                 words.append(w)
                 pos.append(_pos_of(stem))
                 source.append(stem)
-    return Lexicon(tuple(words), tuple(pos), tuple(source), name=name)
+    return Lexicon(tuple(words), tuple(pos), tuple(source), name=name, files=tuple(str(f) for f in files))
+
+
+def load(selection: str | Sequence[str] = "neglabel", root: str | os.PathLike | None = None) -> Lexicon:
+    """Words with their part of speech, de-duplicated across files (first occurrence wins).
+
+    ``selection``: a named selection of the bundled WordNet files (``neglabel`` (default), ``nouns``,
+    ``adjectives``, ``wordnet``); a list of lexicographer file names (``["noun.plant", "adj.all"]``, each at
+    most once); or a path to a lexicon folder (every ``<pos>.<topic>.txt`` in it but hidden files: noun files,
+    then adjective files, then the rest, each group by name) or to one word file (part of speech from its name).
+    Files are UTF-8 (a byte-order mark is ignored).
+    """
+    files, name = selection_files(selection, root)
+    return load_files(files, name)
 
 
 # ------------------------------------------------------------------------------------------ generator
@@ -158,6 +195,8 @@ def lemmas_by_lexname(wn, files: Iterable[str], all_lemmas: bool = False) -> dic
 
     By default one word per synset, its first lemma (WordNet lists a synset's lemmas by frequency); this
     gives NegLabel's ~70k-word pool. ``all_lemmas=True`` keeps every synonym (~120k words for ``neglabel``).
+    NegLabel's own word files follow the same rule on a newer WordNet, with extraction artefacts and most
+    ``adj.all`` head adjectives missing: ``lexicons/wordnet-3.0/REFERENCE-OVERLAP.md`` compares them per file.
     """
     wanted = set(files)
     out: dict[str, list[str]] = {n: [] for n in files}

@@ -9,6 +9,9 @@
 - ``autc``: Area Under the Threshold Curve (Humblot-Renaux et al., "Beyond AUROC & co. for evaluating
   out-of-distribution detection performance", CVPRW 2023): with scores min-max normalised over ID and OOD
   together, ``AUTC = 1/2 (int_0^1 FPR(t) dt + int_0^1 FNR(t) dt)``, lower is better.
+
+Scores must be finite: NaN or infinite scores raise :class:`~vlmood.errors.InvalidInputError` naming how many,
+never a silently computed metric.
 """
 from __future__ import annotations
 
@@ -16,16 +19,30 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InvalidInputError
+
 
 def _scores(x: Any, name: str) -> np.ndarray:
+    """``x`` as a 1-D float64 array; a one-line :class:`InvalidInputError` when it is empty, not 1-D
+    (a single column or row is accepted) or holds NaN/inf, which would make every metric meaningless."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
-    a = np.asarray(x, dtype=np.float64).reshape(-1)
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"{name} must be numbers: {e}") from None
+    if sum(n > 1 for n in a.shape) > 1:
+        raise InvalidInputError(f"{name} must be 1-D (one score per image), got shape {a.shape}")
+    a = a.reshape(-1)
     if a.size == 0:
-        raise ValueError(f"{name} is empty")
-    bad = int(np.count_nonzero(~np.isfinite(a)))
-    if bad:
-        raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
+        raise InvalidInputError(f"{name} is empty")
+    nan = int(np.count_nonzero(np.isnan(a)))
+    inf = int(np.count_nonzero(np.isinf(a)))
+    if nan or inf:
+        parts = [f"{nan} NaN"] * bool(nan) + [f"{inf} infinite"] * bool(inf)
+        raise InvalidInputError(
+            f"{name} contains {' and '.join(parts)} value(s) among {a.size} (non-finite scores come from non-finite "
+            "features, e.g. an fp16 overflow or a broken image); metrics and thresholds need finite scores")
     return a
 
 
@@ -59,7 +76,7 @@ def auroc(id_scores: Any, ood_scores: Any) -> float:
 def threshold_at_tpr(id_scores: Any, tpr: float = 0.95) -> float:
     """The highest threshold ``t`` such that at least a ``tpr`` fraction of ID scores are ``>= t``."""
     if not 0 < tpr <= 1:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+        raise InvalidInputError(f"tpr must be in (0, 1], got {tpr}")
     pos = np.sort(_scores(id_scores, "id_scores"))
     keep = int(np.ceil(len(pos) * tpr - 1e-9))  # how many ID scores must stay at or above t
     return float(pos[len(pos) - max(keep, 1)])

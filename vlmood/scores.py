@@ -4,13 +4,17 @@ Convention everywhere: **a higher score means more in-distribution**.
 Inputs may be numpy arrays or torch tensors; outputs are float64 numpy arrays of shape ``[N]``.
 ``sims`` are cosine similarities ``[N, C]`` between L2-normalised image and class embeddings;
 ``local_sims`` are per-patch similarities ``[N, P, C]``.
+NaN similarities (from non-finite features) give NaN scores, which every decision treats as OOD.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
+
+from .errors import InvalidInputError
 
 _CHUNK = 256  # rows per chunk for [N, P, C] inputs, bounding temporary memory
 
@@ -18,15 +22,21 @@ _CHUNK = 256  # rows per chunk for [N, P, C] inputs, bounding temporary memory
 def _as_tensor(x: Any, ndim: int, name: str) -> torch.Tensor:
     t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     if t.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        raise InvalidInputError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if t.shape[-1] == 0:
-        raise ValueError(f"{name} has no classes (last dimension is 0)")
+        raise InvalidInputError(f"{name} has no classes (last dimension is 0)")
     return t.to("cpu", torch.float64)
 
 
-def _check_positive(value: float, name: str) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+def check_positive(value: Any, name: str) -> float:
+    """``value`` as a float; a one-line :class:`InvalidInputError` unless it is a finite number > 0."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
 
 
 def _max_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -37,30 +47,32 @@ def _max_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 def mcm(sims: Any, temperature: float = 1.0) -> np.ndarray:
     """Maximum Concept Matching (Ming et al., NeurIPS 2022): ``max_c softmax(sims / T)_c``. Shape ``[N, C] -> [N]``."""
-    _check_positive(temperature, "temperature")
+    check_positive(temperature, "temperature")
     s = _as_tensor(sims, 2, "sims")
     return _max_softmax(s / temperature).numpy()
 
 
 def max_logit(sims: Any, logit_scale: float = 100.0) -> np.ndarray:
     """Maximum logit: ``logit_scale * max_c sims_c``. Shape ``[N, C] -> [N]``."""
+    logit_scale = check_positive(logit_scale, "logit_scale")
     s = _as_tensor(sims, 2, "sims")
     return (logit_scale * s.max(dim=-1).values).numpy()
 
 
 def energy(sims: Any, logit_scale: float = 100.0, temperature: float = 1.0) -> np.ndarray:
     """Negative free energy (Liu et al., NeurIPS 2020): ``T * logsumexp(logit_scale * sims / T)``. ``[N, C] -> [N]``."""
-    _check_positive(temperature, "temperature")
+    check_positive(temperature, "temperature")
+    logit_scale = check_positive(logit_scale, "logit_scale")
     s = _as_tensor(sims, 2, "sims")
     return (temperature * torch.logsumexp(logit_scale * s / temperature, dim=-1)).numpy()
 
 
 def local_mcm(local_sims: Any, temperature: float = 1.0) -> np.ndarray:
     """Local MCM: ``max over patches p and classes c of softmax_c(local_sims[n, p] / T)``. ``[N, P, C] -> [N]``."""
-    _check_positive(temperature, "temperature")
+    check_positive(temperature, "temperature")
     loc = local_sims
     if loc.ndim != 3:
-        raise ValueError(f"local_sims must have 3 dimensions [N, P, C], got shape {tuple(loc.shape)}")
+        raise InvalidInputError(f"local_sims must have 3 dimensions [N, P, C], got shape {tuple(loc.shape)}")
     out = np.empty(loc.shape[0], dtype=np.float64)
     for i in range(0, loc.shape[0], _CHUNK):
         chunk = _as_tensor(loc[i : i + _CHUNK], 3, "local_sims")
@@ -76,7 +88,7 @@ def glmcm(global_sims: Any, local_sims: Any, temperature: float = 1.0, lam: floa
     g = mcm(global_sims, temperature)
     loc = local_mcm(local_sims, temperature)
     if g.shape[0] != loc.shape[0]:
-        raise ValueError(f"global_sims has {g.shape[0]} rows but local_sims has {loc.shape[0]}")
+        raise InvalidInputError(f"global_sims has {g.shape[0]} rows but local_sims has {loc.shape[0]}")
     return g + lam * loc
 
 
@@ -91,18 +103,18 @@ def neglabel(id_sims: Any, neg_sims: Any, temperature: float = 0.01, ngroups: in
 
     ``id_sims`` ``[N, C]``, ``neg_sims`` ``[N, M]`` -> ``[N]`` in (0, 1], higher = more ID.
     """
-    _check_positive(temperature, "temperature")
+    check_positive(temperature, "temperature")
     ids = id_sims if isinstance(id_sims, torch.Tensor) else np.asarray(id_sims)
     neg = neg_sims if isinstance(neg_sims, torch.Tensor) else np.asarray(neg_sims)
     if ids.ndim != 2 or neg.ndim != 2:
-        raise ValueError(f"id_sims and neg_sims must be 2-D, got {tuple(ids.shape)} and {tuple(neg.shape)}")
+        raise InvalidInputError(f"id_sims and neg_sims must be 2-D, got {tuple(ids.shape)} and {tuple(neg.shape)}")
     if ids.shape[0] != neg.shape[0]:
-        raise ValueError(f"id_sims has {ids.shape[0]} rows but neg_sims has {neg.shape[0]}")
+        raise InvalidInputError(f"id_sims has {ids.shape[0]} rows but neg_sims has {neg.shape[0]}")
     m = neg.shape[1]
     if not isinstance(ngroups, int) or ngroups < 1:
-        raise ValueError(f"ngroups must be a positive integer, got {ngroups!r}")
+        raise InvalidInputError(f"ngroups must be a positive integer, got {ngroups!r}")
     if ngroups > m:
-        raise ValueError(f"ngroups={ngroups} is larger than the number of negative labels ({m})")
+        raise InvalidInputError(f"ngroups={ngroups} is larger than the number of negative labels ({m})")
     order = torch.randperm(m, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(m)
     size = m // ngroups
     groups = order[: size * ngroups].view(ngroups, size)

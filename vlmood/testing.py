@@ -11,8 +11,8 @@ TINY_ARCH = "vlmood-tiny-vit"
 
 
 def tiny_encoder(seed: int = 0, device: str | torch.device | None = "cpu", precision: str | None = None) -> OpenCLIPEncoder:
-    """A small random-initialised CLIP (``open_clip:vlmood-tiny-vit/none``), deterministic in ``seed``.
+    """A small random-initialised CLIP (``open_clip:vlmood-tiny-vit/none:seed=SEED``), deterministic in ``seed``.
 
     Save it with ``enc.save(path)`` and load it back with ``load_encoder(f"open_clip:{TINY_ARCH}@{path}")``.
     """
-    return load_open_clip(EncoderSpec("open_clip", TINY_ARCH), device=device, precision=precision, seed=seed)
+    return load_open_clip(EncoderSpec("open_clip", TINY_ARCH, seed=seed), device=device, precision=precision)

@@ -1,6 +1,7 @@
 """Detectors: one small class per method; every ``score`` is higher for more in-distribution inputs."""
 from __future__ import annotations
 
+import difflib
 from typing import Any, Sequence
 
 from ..encoders.base import Encoder
@@ -14,10 +15,16 @@ DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (MCM, GLMCM, En
 
 
 def canonical_method(name: str) -> str:
-    """The registry key of a method name (case, ``-`` and ``_`` ignored: ``GL-MCM`` -> ``glmcm``)."""
+    """The registry key of a method name (case, ``-`` and ``_`` ignored: ``GL-MCM`` -> ``glmcm``).
+
+    An unknown name raises a one-line :class:`InvalidInputError` suggesting the closest method (``mcmm`` -> ``mcm``).
+    """
     key = str(name).lower().replace("-", "").replace("_", "").replace(" ", "")
     if key not in DETECTORS:
-        raise InvalidInputError(f"unknown method {name!r}; choose from {', '.join(DETECTORS)}")
+        close = difflib.get_close_matches(key, list(DETECTORS), n=1, cutoff=0.6)
+        choices = ", ".join(DETECTORS)
+        hint = f"did you mean {close[0]!r}? (methods: {choices})" if close else f"choose from {choices}"
+        raise InvalidInputError(f"unknown method {name!r}; {hint}")
     return key
 
 

@@ -1,9 +1,13 @@
 """The detector base class: ID class text embeddings, a score rule, calibration and prediction.
 
-Convention: ``score`` is **higher for more in-distribution inputs**; ``is_ood = score < threshold``.
+Convention: ``score`` is **higher for more in-distribution inputs**; ``is_ood = not (score >= threshold)``, so a
+NaN score (from non-finite features) is always OOD, never ID.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -11,27 +15,84 @@ import numpy as np
 import torch
 
 from ..encoders.base import Encoder, ImageInput
+from ..errors import InvalidInputError
 from ..metrics import threshold_at_tpr
 from ..text.embed import CacheArg, class_embeddings
 from ..text.prompts import load_classes, load_templates
 
+DUPLICATE_COSINE = 0.9999
+"""Class embeddings with a cosine above this are (near) identical: the model cannot tell those classes apart."""
 
-def _unpack(features: Any, local: Any) -> tuple[Any, Any]:
+
+def _is_features(x: Any) -> bool:
     from ..features import Features
 
-    if isinstance(features, Features):
+    return isinstance(x, Features)
+
+
+def _unpack(features: Any, local: Any) -> tuple[Any, Any]:
+    if _is_features(features):
         return features.features, features.local if local is None else local
     return features, local
 
 
+def _as_float_tensor(x: Any) -> torch.Tensor:
+    return (x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))).float()
+
+
+def _numeric_array(x: Any) -> np.ndarray | None:
+    """``x`` as a float array when it is numbers (array, tensor, or a list of numbers / of lists of numbers)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy()
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float64) if np.issubdtype(x.dtype, np.number) else None
+    if isinstance(x, (list, tuple)) and x:
+        first = x[0]
+        rows = isinstance(first, (list, tuple, np.ndarray, torch.Tensor))
+        if all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (first if rows else x)):
+            try:
+                return np.asarray(x, dtype=np.float64)
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def check_threshold(threshold: Any) -> float:
+    """``threshold`` as a float; a one-line :class:`InvalidInputError` unless it is a finite number."""
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"threshold must be a finite number, got {threshold!r}") from None
+    if not math.isfinite(t):
+        raise InvalidInputError(f"threshold must be a finite number, got {threshold!r}")
+    return t
+
+
 @dataclass
 class Prediction:
-    """Per-image results: ``labels`` [N] class indices, ``class_names`` [N], ``scores`` [N], ``is_ood`` [N] bools."""
+    """Per-image results: ``labels`` [N] class indices, ``class_names`` [N], ``scores`` [N], ``is_ood`` [N] bools.
+
+    ``is_ood`` is ``not (score >= threshold)``: a NaN score is OOD (its label is meaningless).
+    """
 
     labels: np.ndarray
     class_names: list[str]
     scores: np.ndarray
     is_ood: np.ndarray
+
+
+def nan_where_not_finite(scores: np.ndarray, features: torch.Tensor, local: Any = None) -> np.ndarray:
+    """``scores`` with NaN for every row whose global (or local) features hold NaN/Inf: such an image is OOD, never
+    ID (an infinite feature would otherwise give Energy or MaxLogit an infinite, maximally-ID score)."""
+    bad = ~torch.isfinite(features).all(dim=1)
+    if local is not None:
+        loc = _as_float_tensor(local)
+        if loc.ndim == 3 and loc.shape[0] == features.shape[0]:
+            bad |= ~torch.isfinite(loc).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        scores = np.array(scores, dtype=np.float64 if scores.dtype == np.float64 else np.float32, copy=True)
+        scores[bad.numpy()] = np.nan
+    return scores
 
 
 class Detector:
@@ -40,11 +101,14 @@ class Detector:
     Args:
         encoder: the image/text encoder.
         classes: ID class names (list, bundled list name, file, or comma-separated string).
-        templates: prompt templates (bundled name, file, list); default ``"a photo of a {}."``.
+        templates: prompt templates (bundled name, file, list); default the bundled ``simple`` list
+            (MCM's ``a photo of a {}``, see :func:`vlmood.text.load_templates`).
         cache: text-embedding cache (``True``: the default disk cache).
 
     ``fit()`` prepares the class text embeddings (zero-shot detectors learn nothing from images);
-    ``score*`` return ``[N]`` arrays, higher = more in-distribution.
+    ``score*`` return ``[N]`` arrays, higher = more in-distribution. Images may be given as anything
+    :meth:`Encoder.encode_images <vlmood.encoders.Encoder.encode_images>` accepts (a path, folder, glob,
+    manifest, PIL image, a list of these, or a preprocessed batch) or as :class:`vlmood.features.Features`.
     """
 
     name = "detector"
@@ -64,76 +128,154 @@ class Detector:
 
     # ------------------------------------------------------------------ text side
     def fit(self, *_: Any) -> "Detector":
-        """Compute (or read from the cache) the ID class embeddings. Returns ``self``."""
+        """Compute (or read from the cache) the ID class embeddings. Returns ``self``.
+
+        Warns when two classes get (near) identical embeddings (cosine > :data:`DUPLICATE_COSINE`): the model
+        cannot tell them apart, typically because their names are unknown to its tokenizer.
+        """
         if self._text is None:
             self._text = class_embeddings(self.encoder, self.classes, self.templates, cache=self.cache)
+            self._warn_identical_classes(self._text)
+            self._warn_unknown_words()
         return self
+
+    def _warn_unknown_words(self) -> None:
+        """Word-level tokenizers (the toy world's) map words outside their vocabulary to one unknown token: such a
+        class name is scored as if the word were absent. BPE tokenizers (CLIP's) have no unknown words."""
+        tok = getattr(self.encoder, "tokenizer", None)
+        unk, encode = getattr(tok, "unk_token_id", None), getattr(tok, "encode", None)
+        if unk is None or encode is None or not hasattr(tok, "vocab"):
+            return
+        bad = [c for c in self.classes if unk in encode(c)]
+        if bad:
+            shown = ", ".join(repr(c) for c in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            warnings.warn(f"{len(bad)} ID class name(s) contain words unknown to the tokenizer of "
+                          f"{self.encoder.spec}: {shown}; the model cannot read them, so their scores are meaningless",
+                          stacklevel=3)
+
+    def _warn_identical_classes(self, text: torch.Tensor) -> None:
+        pairs: list[tuple[int, int]] = []
+        for start in range(0, len(text), 1024):  # row blocks: never a [C, C] matrix for 21k classes
+            cos = text[start : start + 1024].float() @ text.float().T
+            rows, cols = (cos > DUPLICATE_COSINE).nonzero(as_tuple=True)
+            pairs += [(start + r, c) for r, c in zip(rows.tolist(), cols.tolist()) if c > start + r]
+        if not pairs:
+            return
+        shown = ", ".join(f"{self.classes[a]!r} ~ {self.classes[b]!r}" for a, b in pairs[:5])
+        more = f" and {len(pairs) - 5} more" if len(pairs) > 5 else ""
+        warnings.warn(
+            f"{len(pairs)} pair(s) of ID classes have (near) identical text embeddings on {self.encoder.spec} "
+            f"(cosine > {DUPLICATE_COSINE}): {shown}{more}. The model cannot tell them apart, so their scores are "
+            "meaningless; the names may be unknown to the model's tokenizer (out of its vocabulary)",
+            stacklevel=3)
 
     @property
     def text_features(self) -> torch.Tensor:
         """ID class embeddings ``[C, D]``, L2-normalised."""
         return self.fit()._text  # type: ignore[return-value]
 
+    def _check_width(self, width: int, what: str) -> None:
+        d = self.text_features.shape[-1]
+        if width != d:
+            raise InvalidInputError(
+                f"{what} have width {width} but the class text embeddings of {self.encoder.spec} have width {d}: "
+                "the features were probably extracted with a different encoder than this detector's")
+
     def similarities(self, features: Any) -> torch.Tensor:
         """Cosine similarities to the ID classes: ``[N, D] -> [N, C]`` or ``[N, P, D] -> [N, P, C]``."""
-        f = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features).float()
+        f = _as_float_tensor(features)
+        self._check_width(f.shape[-1] if f.ndim else 0, "image features")
         return f @ self.text_features.T
+
+    def global_features(self, image_features: Any) -> torch.Tensor:
+        """Global features ``[N, D]`` (array, tensor or ``Features``) as float32, checked against the text side."""
+        f = _as_float_tensor(_unpack(image_features, None)[0])
+        if f.ndim != 2:
+            hint = " (one image: add a batch axis, x[None])" if f.ndim == 1 else ""
+            raise InvalidInputError(f"image features must be [N, D], got shape {tuple(f.shape)}{hint}")
+        self._check_width(f.shape[1], "image features")
+        return f
 
     # ------------------------------------------------------------------ scoring
     def score_features(self, image_features: Any, local_features: Any = None) -> np.ndarray:
         """ID scores ``[N]`` from L2-normalised global features ``[N, D]`` (and local ``[N, P, D]`` if needed),
-        or from a :class:`vlmood.features.Features` (which carries both)."""
+        or from a :class:`vlmood.features.Features` (which carries both). Rows with non-finite features
+        score NaN (OOD)."""
+        from_features = _is_features(image_features)
         image_features, local_features = _unpack(image_features, local_features)
         if self.needs_local and local_features is None:
-            raise ValueError(f"{type(self).__name__} needs local (per-patch) features: pass local_features")
-        return self._score(self.similarities(image_features), local_features)
+            how = ("these Features were extracted without them: pass local=True to extract_features"
+                   if from_features else "pass local_features [N, P, D] (encode_images(..., local=True)) or "
+                   "Features from extract_features(..., local=True)")
+            raise InvalidInputError(f"{type(self).__name__} needs local (per-patch) features; {how}")
+        g = self.global_features(image_features)
+        return nan_where_not_finite(self._score(self.similarities(g), local_features), g,
+                                    local_features if self.needs_local else None)
 
     def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:
         raise NotImplementedError
 
-    def _features(self, images: ImageInput, batch_size: int | None):
+    def _features(self, images: ImageInput | Any, batch_size: int | None):
+        if _is_features(images):
+            return images, None
         out = self.encoder.encode_images(images, local=self.needs_local, batch_size=batch_size)
         return out if self.needs_local else (out, None)
 
     def score(self, images: ImageInput, batch_size: int | None = None) -> np.ndarray:
-        """ID scores ``[N]`` of images (preprocessed tensor ``[N, 3, H, W]``, PIL images or paths)."""
+        """ID scores ``[N]`` of images: a path, folder, glob, manifest, PIL image, a list of these, a preprocessed
+        tensor ``[N, 3, H, W]``, or ``Features``."""
         return self.score_features(*self._features(images, batch_size))
 
     def classify_features(self, image_features: Any) -> np.ndarray:
         """Index of the most similar ID class for each image: ``[N, D]`` (or ``Features``) ``-> [N]``."""
-        image_features, _ = _unpack(image_features, None)
-        return self.similarities(image_features).argmax(dim=-1).numpy()
+        return self.similarities(self.global_features(image_features)).argmax(dim=-1).numpy()
 
     def classify(self, images: ImageInput, batch_size: int | None = None) -> np.ndarray:
-        """Predicted ID class index ``[N]`` for each image."""
-        g = self.encoder.encode_images(images, batch_size=batch_size)
-        return self.classify_features(g)
+        """Predicted ID class index ``[N]`` for each image (same inputs as :meth:`score`)."""
+        if _is_features(images):
+            return self.classify_features(images)
+        return self.classify_features(self.encoder.encode_images(images, batch_size=batch_size))
 
     # ------------------------------------------------------------------ decisions
     def calibrate(self, id_scores_or_images: Any, tpr: float = 0.95) -> float:
         """Set ``threshold_`` to the highest value that keeps a ``tpr`` fraction of ID inputs; returns it.
 
-        Accepts ID scores (a 1-D array) or ID images (anything :meth:`score` accepts).
+        Accepts ID scores (1-D: an array, tensor or list of numbers) or ID images (anything :meth:`score`
+        accepts, including ``Features``). Other arrays (features ``[N, D]``, scores ``[N, 1]``) and NaN scores
+        raise a one-line :class:`InvalidInputError`.
         """
         x = id_scores_or_images
-        is_scores = (isinstance(x, np.ndarray) and x.ndim == 1) or (isinstance(x, torch.Tensor) and x.ndim == 1) or (
-            isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(v, (int, float, np.floating)) for v in x)
-        )
-        scores = np.asarray(x, dtype=np.float64) if is_scores else self.score(x)
+        images = _is_features(x) or (isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 4)
+        arr = None if images else _numeric_array(x)
+        if arr is None:
+            scores = self.score(x)
+        elif arr.ndim == 1:
+            scores = arr
+        else:
+            hint = "; flatten it with .ravel()" if arr.ndim == 2 and 1 in arr.shape else (
+                "; for image features use calibrate(det.score_features(features))" if arr.ndim == 2 else "")
+            raise InvalidInputError(
+                f"calibrate expects 1-D ID scores [N] or ID images (paths, a folder, PIL images, a [N, 3, H, W] "
+                f"batch, Features); got an array of shape {arr.shape}{hint}")
         self.threshold_ = threshold_at_tpr(scores, tpr)
         return self.threshold_
 
     def predict_features(self, image_features: Any, local_features: Any = None,
                          threshold: float | None = None) -> Prediction:
-        """Class, score and OOD decision (``score < threshold``) from precomputed features."""
-        thr = self.threshold_ if threshold is None else threshold
-        if thr is None:
-            raise ValueError("no threshold: call calibrate(id_scores_or_images) first or pass threshold=")
+        """Class, score and OOD decision (``not score >= threshold``: NaN scores are OOD) from precomputed features."""
+        thr = self._threshold(threshold)
         scores = self.score_features(image_features, local_features)
         labels = self.classify_features(image_features)
-        return Prediction(labels, [self.classes[i] for i in labels], scores, scores < thr)
+        return Prediction(labels, [self.classes[i] for i in labels], scores, ~(np.isfinite(scores) & (scores >= thr)))
 
     def predict(self, images: ImageInput, threshold: float | None = None, batch_size: int | None = None) -> Prediction:
-        """Class, score and OOD decision for images; encodes each image once."""
+        """Class, score and OOD decision for images (same inputs as :meth:`score`); encodes each image once."""
+        thr = self._threshold(threshold)  # before any image is encoded
         g, loc = self._features(images, batch_size)
-        return self.predict_features(g, loc, threshold)
+        return self.predict_features(g, loc, thr)
+
+    def _threshold(self, threshold: Any) -> float:
+        thr = self.threshold_ if threshold is None else threshold
+        if thr is None:
+            raise InvalidInputError("no threshold: call calibrate(id_scores_or_images) first or pass threshold=")
+        return check_threshold(thr)

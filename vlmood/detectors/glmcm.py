@@ -1,6 +1,7 @@
 """GL-MCM: global MCM plus the best local (per-patch) MCM."""
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -8,7 +9,8 @@ import torch
 
 from .. import scores
 from ..encoders.base import Encoder
-from .base import Detector
+from ..errors import InvalidInputError
+from .base import Detector, _as_float_tensor
 from .mcm import _need_two_classes
 
 
@@ -27,14 +29,16 @@ class GLMCM(Detector):
                  temperature: float = 1.0, lam: float = 1.0, **kw: Any):
         super().__init__(encoder, classes, templates, **kw)
         _need_two_classes(self)
-        self.temperature = temperature
+        self.temperature = scores.check_positive(temperature, "temperature")
+        if not math.isfinite(lam):
+            raise InvalidInputError(f"lam must be a finite number, got {lam!r}")
         self.lam = lam
 
     def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:
-        loc = torch.as_tensor(np.asarray(local_features) if not isinstance(local_features, torch.Tensor)
-                              else local_features).float()
+        loc = _as_float_tensor(local_features)
         if loc.ndim != 3 or loc.shape[0] != sims.shape[0]:
-            raise ValueError(f"local_features must be [N={sims.shape[0]}, P, D], got {tuple(loc.shape)}")
+            raise InvalidInputError(f"local_features must be [N={sims.shape[0]}, P, D], got {tuple(loc.shape)}")
+        self._check_width(loc.shape[2], "local (per-patch) features")
         text = self.text_features.T
         chunks = [  # chunked so [N, P, C] similarities never exist in full
             scores.glmcm(sims[i : i + 256], loc[i : i + 256] @ text, self.temperature, self.lam)

@@ -19,9 +19,22 @@ def _need_two_classes(det: Detector) -> None:
             f"got {det.classes}. Use Energy, MaxLogit or NegLabel for a single class.")
 
 
+REFERENCE = "deeplearning-wisc/MCM, utils/detection_util.py, get_ood_scores_clip (commit ea7130f)"
+"""Where the reference MCM / MaxLogit / Energy formulas were read: scores from raw cosines, ``T = 1``."""
+
+
+def _scale(det: "MaxLogit | Energy") -> float:
+    """The detector's logit scale: its own when set (``1.0`` included), else the encoder's."""
+    return det.encoder.logit_scale if det.logit_scale is None else det.logit_scale
+
+
 class MCM(Detector):
     """Maximum Concept Matching (Ming et al., "Delving into OOD Detection with Vision-Language
-    Representations", NeurIPS 2022): ``max_c softmax(cos(x, t_c) / T)``. Higher = more ID."""
+    Representations", NeurIPS 2022): ``max_c softmax(cos(x, t_c) / T)``. Higher = more ID.
+
+    Same rule as the reference (``REFERENCE``: softmax of raw cosines, ``T = 1``); its prompt is the single
+    template ``a photo of a {}``, so ``MCM(enc, classes, templates=["a photo of a {}"])`` reproduces it.
+    """
 
     name = "mcm"
 
@@ -29,7 +42,7 @@ class MCM(Detector):
                  temperature: float = 1.0, **kw: Any):
         super().__init__(encoder, classes, templates, **kw)
         _need_two_classes(self)
-        self.temperature = temperature
+        self.temperature = scores.check_positive(temperature, "temperature")
 
     def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:
         return scores.mcm(sims, self.temperature)
@@ -37,30 +50,44 @@ class MCM(Detector):
 
 class MaxLogit(Detector):
     """Maximum logit (Hendrycks et al., "Scaling OOD detection to real-world settings", ICML 2022):
-    ``logit_scale * max_c cos(x, t_c)``; ``logit_scale=None`` uses the encoder's. Higher = more ID."""
+    ``logit_scale * max_c cos(x, t_c)``; ``logit_scale=None`` uses the encoder's (about 100 for CLIP).
+    Higher = more ID.
+
+    The MCM reference (``REFERENCE``) scores the raw maximum cosine (no scale, no temperature):
+    ``MaxLogit(enc, classes, templates=["a photo of a {}"], logit_scale=1.0)`` gives its numbers. The scale
+    only multiplies every score by a positive constant, so AUROC, FPR95, AUPR and AUTC are the same either
+    way; thresholds and raw scores differ by that factor.
+    """
 
     name = "maxlogit"
 
     def __init__(self, encoder: Encoder, classes: str | Sequence[str], templates: str | Sequence[str] | None = None,
                  logit_scale: float | None = None, **kw: Any):
         super().__init__(encoder, classes, templates, **kw)
-        self.logit_scale = logit_scale
+        self.logit_scale = None if logit_scale is None else scores.check_positive(logit_scale, "logit_scale")
 
     def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:
-        return scores.max_logit(sims, self.logit_scale or self.encoder.logit_scale)
+        return scores.max_logit(sims, _scale(self))
 
 
 class Energy(Detector):
     """Energy score (Liu et al., "Energy-based OOD detection", NeurIPS 2020) on CLIP logits:
-    ``T * logsumexp(logit_scale * cos / T)``; ``logit_scale=None`` uses the encoder's. Higher = more ID."""
+    ``T * logsumexp(logit_scale * cos / T)``; ``logit_scale=None`` uses the encoder's (about 100 for CLIP),
+    as CLIP's own logits do. Higher = more ID.
+
+    The MCM reference (``REFERENCE``) computes ``T * logsumexp(cos / T)`` on raw cosines with ``T = 1``
+    (and negates it, lower = ID): ``Energy(enc, classes, templates=["a photo of a {}"], logit_scale=1.0)``
+    reproduces its numbers. Unlike MaxLogit this changes the ranking: with the default scale the score is
+    close to ``logit_scale * max cos``, with ``1.0`` it is about ``log C`` + the mean cosine.
+    """
 
     name = "energy"
 
     def __init__(self, encoder: Encoder, classes: str | Sequence[str], templates: str | Sequence[str] | None = None,
                  logit_scale: float | None = None, temperature: float = 1.0, **kw: Any):
         super().__init__(encoder, classes, templates, **kw)
-        self.logit_scale = logit_scale
-        self.temperature = temperature
+        self.logit_scale = None if logit_scale is None else scores.check_positive(logit_scale, "logit_scale")
+        self.temperature = scores.check_positive(temperature, "temperature")
 
     def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:
-        return scores.energy(sims, self.logit_scale or self.encoder.logit_scale, self.temperature)
+        return scores.energy(sims, _scale(self), self.temperature)

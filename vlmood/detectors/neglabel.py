@@ -2,27 +2,64 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .. import scores
+from .._io import printable, read_text
 from ..encoders.base import Encoder
 from ..errors import InvalidInputError
+from ..lexicons import Lexicon
 from ..negatives import candidate_pool, mine
 from ..text.embed import class_embeddings
-from ..text.prompts import load_templates
-from .base import Detector, _unpack
+from ..text.prompts import load_classes, load_templates
+from .base import Detector, nan_where_not_finite
 
 _DEFAULTS = {
     "neglabel": {"templates": "neglabel_noun", "neg_templates": {"noun": "neglabel_noun", "adj": "neglabel_adj"},
                  "push_above": None},
     "csp": {"templates": "csp_noun", "neg_templates": {"noun": "csp_noun", "adj": "csp_adj"}, "push_above": 0.95},
 }
+# Saved detector files (NegLabel.save): {"format": FORMAT, "version": VERSION, "method", "pool", "encoder",
+# "classes", "templates", "neg_templates", "lexicon", "params": {PARAMS}, "negatives": [{"label", "pos"}]}.
+# Files from before the format had a name and a version (no "format" field) still load, with the same checks.
+FORMAT, VERSION = "vlmood.neglabel", 1
+PARAMS = ("percentile", "ratio", "temperature", "ngroups", "seed")
+_FIELDS = {"format", "version", "method", "pool", "encoder", "classes", "templates", "neg_templates", "lexicon",
+           "params", "negatives"}
+_OPTIONAL = {"format", "version", "encoder", "lexicon"}
+
+
+def _param_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid setting ``name`` (one of :data:`PARAMS`), or None. NaN is never valid."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    rules = {
+        "percentile": (real and 0.0 <= value <= 1.0, "be in [0, 1]"),
+        "ratio": (real and 0.0 < value <= 1.0, "be in (0, 1]"),
+        "temperature": (real and math.isfinite(value) and value > 0.0, "be a positive finite number"),
+        "ngroups": (integer and value >= 1, "be a positive integer"),
+        "seed": (value is None or integer, "be an integer or None"),
+    }
+    ok, want = rules[name]
+    return None if ok else f"{name} must {want}, got {value!r}"
+
+
+def _lexicon_spec(lexicon: Any) -> str | list[str]:
+    """The lexicon setting as JSON: a selection name or path, or a list of file names."""
+    if isinstance(lexicon, str):
+        return lexicon
+    if isinstance(lexicon, Lexicon):
+        return list(lexicon.files) or lexicon.name
+    return [str(x) for x in lexicon]
 
 
 class NegLabel(Detector):
@@ -31,13 +68,18 @@ class NegLabel(Detector):
 
     ``fit()`` mines ``floor(ratio * n)`` negatives per part of speech from the lexicon: the candidates least
     similar to the ID classes at their ``percentile`` quantile (words equal to an ID class name are dropped
-    first). The score is :func:`vlmood.scores.neglabel` over the ID and negative label similarities. Text
-    embeddings go through the disk cache, so the ~70k-word lexicon is encoded once per model.
+    first — a deliberate difference: NegLabel's reference keeps them, so an ID class name can be mined there). The
+    score is :func:`vlmood.scores.neglabel` over the ID and negative label similarities. Text embeddings go
+    through the disk cache, so the ~70k-word lexicon is encoded once per model. ``seed`` also seeds CSP's
+    superclass draws (``None`` draws with seed 0).
 
     Args:
-        templates: ID class templates (default ``the nice {}.``).
+        templates: ID class templates (default ``the nice {}``, no full stop, as the reference).
         lexicon: word selection (see :func:`vlmood.lexicons.load`), e.g. ``"neglabel"`` or a folder.
-        neg_templates: templates per part of speech; default nouns ``the nice {}.``, adjectives ``This is a {} photo``.
+        neg_templates: templates per part of speech, with a ``"noun"`` entry (used for any part of speech without
+            its own); default nouns ``the nice {}``, adjectives ``This is a {} photo``.
+        percentile, ratio: the mining rule (:func:`vlmood.negatives.mine`); temperature (> 0), ngroups, seed: the
+            score (:func:`vlmood.scores.neglabel`). NaN is refused everywhere.
         pool: ``"neglabel"`` or ``"csp"`` (conjugated semantic pool, see :class:`CSP`).
     """
 
@@ -53,16 +95,19 @@ class NegLabel(Detector):
             raise InvalidInputError(f"unknown pool {self.pool!r}; choose 'neglabel' or 'csp'")
         d = _DEFAULTS[self.pool]
         super().__init__(encoder, classes, templates if templates is not None else d["templates"], **kw)
-        if not 0.0 < ratio <= 1.0:
-            raise InvalidInputError(f"ratio must be in (0, 1], got {ratio}")
-        if not 0.0 <= percentile <= 1.0:
-            raise InvalidInputError(f"percentile must be in [0, 1], got {percentile}")
-        if not isinstance(ngroups, int) or ngroups < 1:
-            raise InvalidInputError(f"ngroups must be a positive integer, got {ngroups!r}")
+        for name, value in zip(PARAMS, (percentile, ratio, temperature, ngroups, seed)):
+            problem = _param_problem(name, value)
+            if problem:
+                raise InvalidInputError(problem)
+        neg_templates = neg_templates or d["neg_templates"]
+        if not isinstance(neg_templates, Mapping) or "noun" not in neg_templates:
+            raise InvalidInputError("neg_templates must map parts of speech to templates and include 'noun', "
+                                    f"e.g. {{'noun': 'the nice {{}}', 'adj': 'This is a {{}} photo'}}; "
+                                    f"got {neg_templates!r}")
         self.lexicon = lexicon
-        self.neg_templates = {k: load_templates(v) for k, v in (neg_templates or d["neg_templates"]).items()}
-        self.percentile, self.ratio, self.temperature = percentile, ratio, temperature
-        self.ngroups, self.seed = ngroups, seed
+        self.neg_templates = {str(k): load_templates(v) for k, v in neg_templates.items()}
+        self.percentile, self.ratio, self.temperature = float(percentile), float(ratio), float(temperature)
+        self.ngroups, self.seed = int(ngroups), None if seed is None else int(seed)
         self.negatives_: list[tuple[str, str]] | None = None  # (label, part of speech)
         self._neg: torch.Tensor | None = None
 
@@ -105,61 +150,160 @@ class NegLabel(Detector):
         return self.fit()._neg  # type: ignore[return-value]
 
     def score_features(self, image_features: Any, local_features: Any = None) -> np.ndarray:
-        image_features, _ = _unpack(image_features, local_features)
-        f = torch.as_tensor(np.asarray(image_features) if not isinstance(image_features, torch.Tensor)
-                            else image_features).float()
+        f = self.global_features(image_features)
         text, neg = self.text_features.T, self.negative_features.T
         chunks = [  # rows in chunks: [N, M] similarities to ~10k negatives never exist in full
             scores.neglabel(f[i : i + 4096] @ text, f[i : i + 4096] @ neg, self.temperature, self.ngroups, self.seed)
             for i in range(0, f.shape[0], 4096)
         ]
-        return np.concatenate(chunks) if chunks else np.empty(0)
+        return nan_where_not_finite(np.concatenate(chunks) if chunks else np.empty(0), f)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write the mined negatives and settings as JSON; :meth:`load` restores the detector without mining."""
+        """Write the mined negatives and settings as JSON (format ``vlmood.neglabel``, version 1; see the
+        comment at :data:`FORMAT`); :meth:`load` restores the detector without mining."""
         self.fit()
+        negatives = self.negatives_ or []
+        neg_templates = {**self.neg_templates, **{p: self._templates_for(p) for _, p in negatives}}
         data = {
+            "format": FORMAT, "version": VERSION,
             "method": self.name, "pool": self.pool, "encoder": self.encoder.fingerprint, "classes": self.classes,
-            "templates": self.templates, "neg_templates": self.neg_templates,
-            "lexicon": self.lexicon if isinstance(self.lexicon, str) else list(self.lexicon),
+            "templates": self.templates, "neg_templates": neg_templates, "lexicon": _lexicon_spec(self.lexicon),
             "params": {"percentile": self.percentile, "ratio": self.ratio, "temperature": self.temperature,
                        "ngroups": self.ngroups, "seed": self.seed},
-            "negatives": [{"label": w, "pos": p} for w, p in self.negatives_ or []],
+            "negatives": [{"label": w, "pos": p} for w, p in negatives],
         }
         from ..text.cache import atomic_write_bytes
 
-        atomic_write_bytes(Path(path), json.dumps(data, indent=1).encode())
+        atomic_write_bytes(Path(path), json.dumps(data, indent=1, allow_nan=False).encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike, encoder: Encoder, **overrides: Any) -> "NegLabel":
-        """A detector from :meth:`save`'s file: the stored negatives are embedded (cache), never re-mined."""
+        """A detector from :meth:`save`'s file: the stored negatives are embedded (cache), never re-mined.
+
+        The file decides the class: ``NegLabel.load`` of a CSP file returns a :class:`CSP` detector, while
+        ``CSP.load`` refuses a NegLabel file. Every field is checked (also in files written before the format
+        had a version): a file of another kind, a missing or unknown field, an invalid setting (``ngroups`` 0,
+        ``ratio`` 2, NaN), a negative whose part of speech has no templates, fewer negatives than ``ngroups`` or
+        an empty class list gives one :class:`InvalidInputError` naming the file and the field. ``overrides``
+        replace stored settings (``temperature=...``) and are checked the same way.
+        """
         p = Path(path)
-        if not p.is_file():
-            raise InvalidInputError(f"NegLabel file not found: {p}")
+        name = printable(str(p))
+        if not p.exists():
+            raise InvalidInputError(f"NegLabel file not found: {name}")
+        text = read_text(p, "NegLabel/CSP detector file")  # BOM dropped; non-UTF-8 -> one-line error
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-            negatives = [(n["label"], n["pos"]) for n in data["negatives"]]
-            kw = dict(templates=data["templates"], lexicon=data["lexicon"], neg_templates=data["neg_templates"],
-                      pool=data["pool"], **data["params"])
-            classes = data["classes"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise InvalidInputError(f"{p} is not a saved NegLabel detector: {type(e).__name__}: {e}") from e
+            data = json.loads(text)
+        except ValueError as e:
+            raise InvalidInputError(f"{name} is not a saved NegLabel/CSP detector: invalid JSON ({e})") from None
+        target, classes, kw, negatives = _parse_saved(data, name)
+        if not issubclass(target, cls):
+            raise InvalidInputError(f"{name} holds a saved {target.__name__} detector, not {cls.__name__}; "
+                                    f"load it with vlmood.{target.__name__}.load")
         if data.get("encoder") != encoder.fingerprint:
-            warnings.warn(f"{p} was mined with another encoder ({data.get('encoder')}); using its negatives "
+            warnings.warn(f"{name} was mined with another encoder ({data.get('encoder')}); using its negatives "
                           f"with {encoder.fingerprint}", stacklevel=2)
         kw.update(overrides)
-        det = cls(encoder, classes, **kw)
+        det = target(encoder, classes, **kw)
+        if len(negatives) < det.ngroups:
+            raise InvalidInputError(f"{name} holds {len(negatives)} negatives, fewer than ngroups={det.ngroups}")
         det.negatives_ = negatives
         return det
+
+
+def _parse_saved(data: Any, name: str) -> tuple[type[NegLabel], list[str], dict[str, Any], list[tuple[str, str]]]:
+    """Validate a saved detector's JSON: (class, classes, keyword settings, negatives). See :meth:`NegLabel.load`."""
+    def bad(field: str, problem: str) -> InvalidInputError:
+        return InvalidInputError(f"{name}: invalid field {field!r}: {problem}")
+
+    def str_list(field: str, value: Any) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise bad(field, f"expected a list of strings, got {type(value).__name__}")
+        return value
+
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{name} is not a saved NegLabel/CSP detector: it holds a JSON "
+                                f"{type(data).__name__}, not the object NegLabel.save writes")
+    if "format" in data and data["format"] != FORMAT:
+        raise InvalidInputError(f"{name} is not a saved NegLabel/CSP detector: its format is "
+                                f"{data['format']!r}, not {FORMAT!r}")
+    if "format" not in data and "negatives" not in data:
+        raise InvalidInputError(f"{name} is not a saved NegLabel/CSP detector (no 'format' or 'negatives' field); "
+                                "write one with NegLabel.save or `vlmood mine-negatives --out FILE.json`")
+    version = data.get("version", 0 if "format" not in data else None)
+    if not isinstance(version, int) or isinstance(version, bool) or version < (1 if "format" in data else 0):
+        raise bad("version", f"expected a positive integer, got {version!r}")
+    if version > VERSION:
+        raise InvalidInputError(f"{name} has format version {version}; this vlmood reads versions up to {VERSION}: "
+                                "upgrade vlmood")
+    missing = sorted(_FIELDS - _OPTIONAL - set(data))
+    unknown = sorted(set(data) - _FIELDS)
+    if missing or unknown:
+        raise InvalidInputError(f"{name}: " + "; ".join(
+            ([f"missing field(s) {', '.join(missing)}"] if missing else [])
+            + ([f"unknown field(s) {', '.join(map(repr, unknown))}"] if unknown else [])))
+    classes_by_method = {c.name: c for c in (NegLabel, CSP)}
+    if data["method"] not in classes_by_method:
+        raise bad("method", f"expected one of {', '.join(classes_by_method)}, got {data['method']!r}")
+    if data["pool"] not in _DEFAULTS:
+        raise bad("pool", f"expected one of {', '.join(_DEFAULTS)}, got {data['pool']!r}")
+    try:
+        classes = load_classes(str_list("classes", data["classes"]))
+    except InvalidInputError as e:
+        raise bad("classes", str(e)) from None
+    try:
+        templates = load_templates(str_list("templates", data["templates"]))
+    except InvalidInputError as e:
+        raise bad("templates", str(e)) from None
+    neg_t = data["neg_templates"]
+    if not isinstance(neg_t, dict) or "noun" not in neg_t:
+        raise bad("neg_templates", "expected an object of template lists with a 'noun' entry")
+    neg_templates = {}
+    for pos, ts in neg_t.items():
+        try:
+            neg_templates[pos] = load_templates(str_list(f"neg_templates.{pos}", ts))
+        except InvalidInputError as e:
+            raise bad(f"neg_templates.{pos}", str(e)) from None
+    lexicon = data.get("lexicon", "neglabel")
+    if not isinstance(lexicon, str):
+        lexicon = str_list("lexicon", lexicon)
+    params = data["params"]
+    if not isinstance(params, dict) or set(params) != set(PARAMS):
+        keys = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise bad("params", f"expected an object with exactly {', '.join(PARAMS)}, got {keys}")
+    for key in PARAMS:
+        problem = _param_problem(key, params[key])
+        if problem:
+            raise bad(f"params.{key}", problem)
+    raw = data["negatives"]
+    if not isinstance(raw, list) or not all(isinstance(n, dict) and set(n) == {"label", "pos"} for n in raw):
+        raise bad("negatives", 'expected a list of {"label": ..., "pos": ...} objects')
+    negatives = [(n["label"], n["pos"]) for n in raw]
+    for i, (label, pos) in enumerate(negatives):
+        if not isinstance(label, str) or not label.strip():
+            raise bad(f"negatives[{i}].label", f"expected a non-empty string, got {label!r}")
+        # files written before version 1 fell back to the noun templates for a part of speech without its own
+        if not isinstance(pos, str) or (pos not in neg_templates and version >= 1):
+            raise bad(f"negatives[{i}].pos", f"{pos!r} has no templates in neg_templates "
+                                             f"({', '.join(neg_templates)})")
+    repeated = [f"{w} ({p})" for (w, p), k in Counter(negatives).items() if k > 1]
+    if repeated:
+        raise bad("negatives", f"repeated labels: {', '.join(repeated[:3])}")
+    if len(negatives) < params["ngroups"]:
+        raise bad("negatives", f"{len(negatives)} negatives, fewer than params.ngroups={params['ngroups']}")
+    kw = dict(templates=templates, lexicon=lexicon, neg_templates=neg_templates, pool=data["pool"], **params)
+    return classes_by_method[data["method"]], classes, kw, negatives
 
 
 class CSP(NegLabel):
     """NegLabel with the Conjugated Semantic Pool (Chen et al., "Conjugated Semantic Pool Improves OOD Detection
     with Pre-trained Vision-Language Models", NeurIPS 2024): nouns (without person, quantity and group
     words) plus adjectives conjugated with superclass words ("<adjective> object/scene/creature/..."),
-    prompt ensembles for both, and candidates nearly identical to an ID class (max similarity > 0.95) ranked
-    last. Scoring is NegLabel's. Higher score = more in-distribution."""
+    prompt ensembles for both (``csp_noun``, ``csp_adj``), and candidates nearly identical to an ID class (max
+    similarity > 0.95) ranked last. Scoring is NegLabel's. Higher score = more in-distribution. The pool and its
+    one deliberate difference from the reference (file order) are described in
+    :func:`vlmood.negatives.candidate_pool`."""
 
     name = "csp"
     pool_name = "csp"

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Encoder, EncoderSpec, parse_spec, resolve_device, resolve_precision
+from .base import Encoder, EncoderSpec, image_items, parse_spec, resolve_device, resolve_precision
+from .registry import register_model, register_tokenizer
 
 
 def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = None, precision: str | None = None) -> Encoder:
@@ -11,9 +12,11 @@ def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = No
 
     Args:
         spec: ``open_clip:ARCH/PRETRAINED`` (e.g. ``open_clip:ViT-B-16/openai``), ``open_clip:ARCH/none``
-            (random init), ``open_clip:ARCH@/path/to/checkpoint``, ``open_clip:hf-hub:ORG/REPO``, or
-            ``hf:MODEL_ID_OR_DIR`` (transformers ``CLIPModel``/``SiglipModel``).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available, else CPU.
+            (random init, seed 0; ``open_clip:ARCH/none:seed=N`` for another seed),
+            ``open_clip:ARCH@/path/to/checkpoint``, ``open_clip:hf-hub:ORG/REPO``,
+            ``hf:MODEL_ID_OR_DIR`` (transformers ``CLIPModel``/``SiglipModel``), or a registered name such as
+            ``toyworld`` (see :class:`EncoderSpec` and :mod:`vlmood.encoders.registry`).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``...; default CUDA when available, else CPU.
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` autocast; default reduced precision on CUDA, fp32 on CPU.
     """
     parsed = spec if isinstance(spec, EncoderSpec) else parse_spec(spec)
@@ -26,4 +29,5 @@ def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = No
     return load_hf(parsed, device=device, precision=precision)
 
 
-__all__ = ["Encoder", "EncoderSpec", "load_encoder", "parse_spec", "resolve_device", "resolve_precision"]
+__all__ = ["Encoder", "EncoderSpec", "image_items", "load_encoder", "parse_spec", "register_model",
+           "register_tokenizer", "resolve_device", "resolve_precision"]

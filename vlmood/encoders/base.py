@@ -2,45 +2,137 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
+import os
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
 
+import numpy as np
 import torch
 
 from ..errors import InvalidInputError
 
-ImageInput = Union[torch.Tensor, Sequence[Any]]
-"""A preprocessed batch ``[N, 3, H, W]``, or a sequence of PIL images and/or image paths."""
+ImageInput = Union[torch.Tensor, str, "os.PathLike[str]", Any, Sequence[Any]]
+"""A preprocessed batch ``[N, 3, H, W]`` (tensor or array); one image path, folder, glob or manifest; one PIL
+image; or a sequence of PIL images, paths and folders (see :func:`image_items`)."""
+
+
+def _is_pil(x: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(x, Image.Image)
+
+
+def image_items(images: Any) -> list[Any]:
+    """The PIL images and image paths that ``images`` stands for, in order.
+
+    A single path, folder (every image under it, sorted), glob or CSV manifest is resolved with
+    :func:`vlmood.data.list_images`; a single PIL image is one item; a sequence may mix PIL images, paths
+    and folders (folders are expanded in place). Anything else raises a one-line :class:`InvalidInputError`.
+    """
+    from ..data import list_images
+
+    paths = (str, bytes, os.PathLike)
+    if _is_pil(images):
+        return [images]
+    if isinstance(images, paths):
+        return [item.path for item in list_images(images)]
+    if isinstance(images, dict) or not hasattr(images, "__iter__"):
+        raise InvalidInputError(
+            f"cannot read images from a {type(images).__name__}: pass a preprocessed tensor [N, 3, H, W], a PIL "
+            "image, an image path, folder, glob or manifest, or a list of these "
+            "(datasets and image sources: use vlmood.extract_features)")
+    out: list[Any] = []
+    for i, x in enumerate(images):
+        if _is_pil(x):
+            out.append(x)
+        elif not isinstance(x, paths):
+            raise InvalidInputError(f"image {i} of the list is a {type(x).__name__}; expected a PIL image or an "
+                                    "image path (stack preprocessed tensors into one [N, 3, H, W] batch)")
+        elif not os.fsdecode(x).strip():
+            raise InvalidInputError(f"image {i} of the list is an empty path")
+        elif Path(os.fsdecode(x)).expanduser().is_dir():
+            out.extend(item.path for item in list_images(x))
+        else:
+            out.append(x)
+    return out
+
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as given, else CUDA when available, else CPU."""
+    """``device`` as given, else CUDA when available, else CPU.
+
+    Raises a one-line :class:`InvalidInputError` for an unknown device, one that is not available on this
+    machine (``cuda`` without CUDA, ``mps`` off Apple silicon, ``cuda:3`` with two GPUs) and ``meta``
+    (which holds no data, so no model can run on it).
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about deprecated names (mkldnn) before we refuse them
+            dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise InvalidInputError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps ...") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"device {device!r} requested but CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InvalidInputError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+        raise InvalidInputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise InvalidInputError(f"device {device!r} is not a compute device (it holds no data, only shapes); "
+                                "use cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"device {device!r} requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    try:
+        ok = bool(available()) if callable(available) else False
+    except Exception:  # a backend that cannot even answer is not usable
+        ok = False
+    if not ok:
+        raise InvalidInputError(f"device {device!r} is not available on this machine; use cpu"
+                                + (" or cuda" if torch.cuda.is_available() else ""))
+    count = getattr(getattr(torch, dev.type, None), "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise InvalidInputError(f"device {device!r} does not exist: {count()} {dev.type} device(s)")
     return dev
 
 
+def _cpu_fp16_autocast_works() -> bool:
+    """Whether this torch really computes in fp16 under CPU autocast (older versions silently disable it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast(device_type="cpu", dtype=torch.float16):
+            return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
+
+
 def resolve_precision(precision: str | None, device: torch.device) -> str:
-    """``precision`` as given, else ``bf16`` (or ``fp16``) autocast on CUDA and ``fp32`` on CPU."""
+    """``precision`` as given, else ``bf16`` (or ``fp16``) autocast on CUDA and ``fp32`` on CPU.
+
+    On CPU, ``fp16`` and ``bf16`` are allowed (features stay within a few 1e-3 of fp32) with a warning that they
+    are usually several times slower than fp32 there; ``fp16`` on a torch whose CPU autocast cannot run fp16 is
+    refused rather than silently run in fp32.
+    """
     if precision is None:
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if precision not in PRECISIONS:
         raise InvalidInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if device.type == "cpu" and precision != "fp32":
+        if precision == "fp16" and not _cpu_fp16_autocast_works():
+            raise InvalidInputError(f"this torch ({torch.__version__}) cannot compute in fp16 on CPU; "
+                                    "use precision fp32 (the CPU default) or bf16")
+        warnings.warn(f"{precision} on CPU is emulated and usually several times slower than fp32 "
+                      "(and slightly less exact); fp32 is the CPU default", stacklevel=3)
     return precision
 
 
@@ -69,17 +161,30 @@ class EncoderSpec:
     Grammar::
 
         open_clip:ARCH/PRETRAINED      pretrained tag, e.g. open_clip:ViT-B-16/openai
-        open_clip:ARCH/none            random initialisation (tests, benchmarks)
+        open_clip:ARCH/none            random initialisation with seed 0 (tests, benchmarks)
+        open_clip:ARCH/none:seed=N     random initialisation with seed N (a non-negative integer)
         open_clip:ARCH@/path/to/ckpt   local weights (.safetensors, .pt, .bin)
         open_clip:hf-hub:ORG/REPO      an open_clip model on the Hugging Face hub
         hf:MODEL_ID_OR_DIR             a transformers CLIPModel / SiglipModel
+        NAME                           a registered model (see vlmood.encoders.registry), e.g.
         toyworld                       the tiny CLIP vlmood ships, trained on its toy world
+
+    Random initialisation is deterministic: the same spec gives the same weights (and fingerprint, so the
+    caches hit) in every process. ``str(spec)`` is canonical and parses back to an equal spec; the seed is
+    written when it is not the default 0.
     """
 
     backend: str  # "open_clip" | "hf"
     name: str  # architecture (open_clip) or model id / directory (hf)
     pretrained: str | None = None  # tag, or None for random init / hf-hub
     checkpoint: Path | None = None  # local weights file
+    seed: int = 0  # random-initialisation seed (used only when there are no pretrained weights)
+
+    @property
+    def random_init(self) -> bool:
+        """Whether the weights are random (no pretrained tag, checkpoint or hub repository)."""
+        return (self.backend == "open_clip" and self.pretrained is None and self.checkpoint is None
+                and not self.name.startswith("hf-hub:"))
 
     def __str__(self) -> str:
         if self.backend == "hf":
@@ -88,23 +193,49 @@ class EncoderSpec:
             return f"open_clip:{self.name}@{self.checkpoint}"
         if self.name.startswith("hf-hub:"):
             return f"open_clip:{self.name}"
-        return f"open_clip:{self.name}/{self.pretrained or 'none'}"
+        if self.pretrained is None:
+            return f"open_clip:{self.name}/none" + (f":seed={self.seed}" if self.seed else "")
+        return f"open_clip:{self.name}/{self.pretrained}"
+
+
+def _random_init_seed(spec: str, tag: str) -> int | None:
+    """The seed of a random-initialisation tag (``none`` -> 0, ``none:seed=N`` -> N), or None for a real tag."""
+    head, sep, rest = tag.partition(":")
+    if head.lower() != "none":
+        if "seed=" in tag:
+            raise InvalidInputError(f"model spec {spec!r}: a seed applies only to random initialisation "
+                                    "('open_clip:ARCH/none:seed=N')")
+        return None
+    if not sep:
+        return 0
+    key, eq, value = rest.partition("=")
+    value = value.strip()
+    if key.strip().lower() != "seed" or not eq or not (value.isascii() and value.isdigit()) or int(value) >= 2**63:
+        raise InvalidInputError(f"model spec {spec!r}: expected 'open_clip:ARCH/none' or 'open_clip:ARCH/none:seed=N' "
+                                "with N an integer in [0, 2**63)")
+    return int(value)
 
 
 def parse_spec(spec: str) -> EncoderSpec:
     """Parse a model spec string (see :class:`EncoderSpec`); raises ``InvalidInputError`` naming the problem."""
+    from . import registry
+
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidInputError(f"empty model spec {spec!r}; expected e.g. 'open_clip:ViT-B-16/openai' or 'hf:DIR'")
     spec = spec.strip()
-    if spec == "toyworld":
-        from ..toyworld import ARCH, CHECKPOINT
-
-        return EncoderSpec("open_clip", ARCH, checkpoint=CHECKPOINT)
     backend, sep, rest = spec.partition(":")
+    if not sep:
+        named = registry.resolve_model(spec)
+        if named is not None:
+            return named
     if not sep or backend not in ("open_clip", "hf"):
+        names = registry.model_names()
+        close = difflib.get_close_matches(spec, names, n=1, cutoff=0.6) if not sep else []
+        hint = f"; did you mean {close[0]!r}?" if close else f" (or be a model name: {', '.join(names)})"
         raise InvalidInputError(
             f"model spec {spec!r} must start with 'open_clip:' or 'hf:' "
             "(e.g. 'open_clip:ViT-B-16/openai', 'open_clip:ViT-B-32@model.safetensors', 'hf:openai/clip-vit-base-patch16')"
+            + hint
         )
     if not rest:
         raise InvalidInputError(f"model spec {spec!r} names no model after {backend!r}")
@@ -123,7 +254,10 @@ def parse_spec(spec: str) -> EncoderSpec:
             f"model spec {spec!r} names no weights: use 'open_clip:{arch or 'ARCH'}/PRETRAINED' "
             f"(e.g. /openai), '/none' for random init, or '@/path/to/checkpoint'"
         )
-    return EncoderSpec("open_clip", arch, pretrained=None if tag.lower() == "none" else tag)
+    seed = _random_init_seed(spec, tag)
+    if seed is not None:
+        return EncoderSpec("open_clip", arch, seed=seed)
+    return EncoderSpec("open_clip", arch, pretrained=tag)
 
 
 class Encoder(ABC):
@@ -198,8 +332,9 @@ class Encoder(ABC):
         """Embed images.
 
         Args:
-            images: a preprocessed tensor ``[N, 3, H, W]``, or a sequence of PIL images / paths
-                (decoded with :func:`vlmood.data.load_image` and transformed with ``preprocess``).
+            images: a preprocessed tensor ``[N, 3, H, W]``; or one PIL image, image path, folder, glob or
+                manifest, or a sequence of PIL images, paths and folders (see :func:`image_items`; decoded
+                with :func:`vlmood.data.load_image` and transformed with ``preprocess``).
             local: also return per-patch features (ViT towers; see :attr:`supports_local`).
             batch_size: images per forward pass (default ``image_batch_size``).
 
@@ -220,20 +355,33 @@ class Encoder(ABC):
                 locals_.append(torch.nn.functional.normalize(loc.float(), dim=-1).cpu())
         d = self.embed_dim
         g = torch.cat(globals_) if globals_ else torch.empty(0, d)
+        bad = int((~torch.isfinite(g).all(dim=-1)).sum())
+        if bad:  # kept (detectors score them NaN, i.e. OOD), but never silently
+            warnings.warn(f"{bad} of {len(g)} image(s) gave non-finite features on {self.describe()}; their scores "
+                          "will be NaN (counted as OOD)" + ("; fp32 avoids fp16 overflow" if self.precision == "fp16"
+                                                           else ""), stacklevel=2)
         if not local:
             return g
         return g, (torch.cat(locals_) if locals_ else torch.empty(0, 0, d))
 
     def _image_batches(self, images: ImageInput, bs: int) -> Iterator[torch.Tensor]:
+        if isinstance(images, np.ndarray) and (images.dtype.kind in "biuf"):  # numeric: a preprocessed batch
+            images = torch.as_tensor(images)
         if isinstance(images, torch.Tensor):
-            if images.ndim != 4:
-                raise InvalidInputError(f"image tensor must be [N, 3, H, W], got shape {tuple(images.shape)}")
+            shape = tuple(images.shape)
+            if images.ndim != 4 or (shape[1] != 3 and shape[-1] == 3) or not images.is_floating_point():
+                one = images.ndim == 3 and shape[0] == 3 and images.is_floating_point()
+                hint = (" (one image: add a batch axis, x[None])" if one else
+                        " (decoded pixels: pass PIL images, e.g. PIL.Image.fromarray(a), so they are preprocessed)")
+                raise InvalidInputError(f"an image tensor must be a preprocessed float batch [N, 3, H, W], got "
+                                        f"{images.dtype} {shape}{hint}")
+            images = images.float()  # float64 (numpy's default) or half: the towers run in float32 (+ autocast)
             for i in range(0, images.shape[0], bs):
                 yield images[i : i + bs]
             return
         from ..data import load_image
 
-        items = list(images)
+        items = image_items(images)
         for i in range(0, len(items), bs):
             chunk = [self.preprocess(load_image(x)) for x in items[i : i + bs]]
             yield torch.stack(chunk)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointMismatchError, EncoderLoadError
+from . import registry
 from .base import Encoder, EncoderSpec, resolve_device, resolve_precision
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -334,9 +335,14 @@ def _quiet_random_init(active: bool):
 
 
 def load_open_clip(
-    spec: EncoderSpec, device: str | torch.device | None = None, precision: str | None = None, seed: int | None = None
+    spec: EncoderSpec, device: str | torch.device | None = None, precision: str | None = None
 ) -> OpenCLIPEncoder:
-    """Build an :class:`OpenCLIPEncoder` from a parsed spec (see :func:`vlmood.load_encoder`)."""
+    """Build an :class:`OpenCLIPEncoder` from a parsed spec (see :func:`vlmood.load_encoder`).
+
+    Random initialisation (``open_clip:ARCH/none[:seed=N]``) runs with the CPU generator seeded by ``spec.seed`` in a
+    forked RNG, so the weights and the fingerprint are the same in every process and the caller's RNG is untouched.
+    The tokenizer is the one registered for the architecture (:mod:`vlmood.encoders.registry`), else open_clip's.
+    """
     open_clip = _open_clip()
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -353,8 +359,9 @@ def load_open_clip(
     downloading = tag is not None or arch.startswith("hf-hub:")
     try:
         with torch.random.fork_rng(devices=[]), _quiet_random_init(spec.checkpoint is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+            # the model is built on the CPU: seed only the CPU generator (fork_rng restores it); torch.manual_seed
+            # would also reseed every CUDA device behind the caller's back
+            torch.default_generator.manual_seed(spec.seed)
             model, _, preprocess = open_clip.create_model_and_transforms(
                 arch, pretrained=tag, precision="fp32", device="cpu", pretrained_text=downloading
             )
@@ -370,10 +377,6 @@ def load_open_clip(
         raise EncoderLoadError(f"could not build {spec}: {type(e).__name__}: {e}") from e
     if spec.checkpoint is not None:
         load_matching_state_dict(model, read_state_dict(spec.checkpoint), str(spec.checkpoint), arch)
-    if arch == "vlmood-toyworld":  # the toy world's word-level tokenizer, vocabulary stored beside the weights
-        from ..toyworld import tokenizer_for
-
-        tokenizer = tokenizer_for(spec.checkpoint)
-    else:
-        tokenizer = open_clip.get_tokenizer(arch)
+    factory = registry.tokenizer_factory(arch)  # e.g. the toy world's word-level tokenizer
+    tokenizer = factory(spec) if factory is not None else open_clip.get_tokenizer(arch)
     return OpenCLIPEncoder(model.to(dev), preprocess, tokenizer, spec, dev, prec)

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .._io import printable
+from ..data import as_source, map_labels
 from ..detectors import Detector, make_detector
 from ..encoders.base import Encoder
 from ..errors import InvalidInputError
@@ -19,53 +22,40 @@ from .report import Report
 DetectorsArg = Sequence[Any] | Mapping[str, Any] | str
 
 
-def map_labels(labels: Sequence[Any], classes: Sequence[str], source: str = "ID set") -> np.ndarray:
-    """Map raw labels (class names, indices, or ImageFolder folder names) to class indices ``[N]``.
+RESERVED_NAMES = ("ID", "mean")
+"""Names an OOD set cannot take: ``"ID"`` keys the ID set's scores, ``"mean"`` a group's mean row."""
 
-    Names are matched exactly (``_`` may stand for a space, as in CIFAR-100 folders). Integer labels (or digit strings) are indices. When no label is a class
-    name but there are exactly ``C`` distinct labels (e.g. WordNet-id folders), they are mapped in sorted
-    order, as torchvision's ImageFolder does. Anything else raises an error naming the unknown labels.
-    """
-    index = {c: i for i, c in enumerate(classes)}
-    index.update({c.replace(" ", "_"): i for i, c in enumerate(classes) if c.replace(" ", "_") not in index})
-    distinct = sorted({str(lb) for lb in labels})
-    if all(isinstance(lb, (int, np.integer)) or (isinstance(lb, str) and lb.isdigit() and lb not in index)
-           for lb in labels):
-        ints = np.array([int(lb) for lb in labels])
-        bad = sorted({int(v) for v in ints if not 0 <= v < len(classes)})
-        if bad:
-            raise InvalidInputError(f"{source} has label indices outside the {len(classes)} classes: {bad[:5]}")
-        return ints
-    unknown = [lb for lb in distinct if lb not in index]
-    if not unknown:
-        return np.array([index[str(lb)] for lb in labels])
-    if len(unknown) == len(distinct) == len(classes):
-        order = {lb: i for i, lb in enumerate(distinct)}  # ImageFolder convention: sorted folder names
-        return np.array([order[str(lb)] for lb in labels])
-    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-    raise InvalidInputError(
-        f"{source} has labels outside the class list: {', '.join(repr(u) for u in unknown[:5])}{more}"
-    )
+NO_LABELS = ("ID set has no labels: ID accuracy not computed "
+             "(give an ImageFolder layout or a manifest label column)")
 
 
 def _normalise_ood(ood: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{group: {name: source}}`` from nested or flat (group ``"ood"``) input; names must be unique and not
+    reserved, so no set can silently replace another."""
     if not ood:
         raise InvalidInputError("no OOD sets: give at least one, e.g. ood={'far': {'textures': 'dtd/images'}}")
-    groups: dict[str, dict[str, Any]] = {}
+    entries: list[tuple[str, str, Any]] = []
     for key, value in ood.items():
         if isinstance(value, Mapping):
             if not value:
                 raise InvalidInputError(f"OOD group {key!r} is empty")
-            groups[key] = dict(value)
+            entries += [(key, name, src) for name, src in value.items()]
         else:
-            groups.setdefault("ood", {})[key] = value
-    names = [n for g in groups.values() for n in g]
-    bad = [n for n in names if not str(n).strip() or n == "ID"]
+            entries.append(("ood", key, value))
+    bad = [n for _, n, _ in entries if not isinstance(n, str) or not n.strip() or n in RESERVED_NAMES]
     if bad:
-        raise InvalidInputError(f"invalid OOD set name(s) {bad}: names must be non-empty and not 'ID' (the ID set's key)")
+        raise InvalidInputError(f"invalid OOD set name(s) {bad}: names must be non-empty strings other than "
+                                "'ID' (the ID set's key) and 'mean' (a group's mean row)")
+    bad = sorted({g for g, _, _ in entries if not isinstance(g, str) or not g.strip() or g == "ID"}, key=str)
+    if bad:
+        raise InvalidInputError(f"invalid OOD group name(s) {bad}: names must be non-empty strings other than 'ID'")
+    names = [n for _, n, _ in entries]
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
         raise InvalidInputError(f"OOD set names must be unique across groups; repeated: {dups}")
+    groups: dict[str, dict[str, Any]] = {}
+    for group, name, src in entries:
+        groups.setdefault(group, {})[name] = src
     return groups
 
 
@@ -83,6 +73,8 @@ class Benchmark:
 
     def __init__(self, id: Any, ood: Mapping[str, Any], classes: Any, templates: Any = None,
                  name: str = "benchmark", on_error: str = "raise"):
+        if on_error not in ("raise", "skip"):
+            raise InvalidInputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.id = id
         self.ood = _normalise_ood(ood)
         self.classes = load_classes(classes)
@@ -97,6 +89,13 @@ class Benchmark:
 
         return load_suite(suite, root, **kwargs)
 
+    def open_sources(self) -> "Benchmark":
+        """Resolve every image source now (scan folders, read manifests), so a missing or empty path fails
+        before any model is loaded. Returns ``self``."""
+        self.id = as_source(self.id)
+        self.ood = {g: {n: as_source(s) for n, s in sets.items()} for g, sets in self.ood.items()}
+        return self
+
     def _detectors(self, encoder: Encoder, detectors: DetectorsArg) -> dict[str, Detector]:
         if isinstance(detectors, str):
             detectors = [d.strip() for d in detectors.split(",") if d.strip()]
@@ -105,6 +104,16 @@ class Benchmark:
         for key, d in items:
             if isinstance(d, Detector):
                 det = d
+                # a detector built elsewhere must share the images' encoder and the benchmark's classes, or its
+                # scores and accuracy would silently compare features and texts of different models or class orders
+                if det.encoder is not encoder and det.encoder.fingerprint != encoder.fingerprint:
+                    raise InvalidInputError(
+                        f"detector {key or det.name!r} was built on {det.encoder.spec}, but the images are encoded "
+                        f"with {encoder.spec}: build it with the encoder passed to run()")
+                if list(det.classes) != list(self.classes):
+                    raise InvalidInputError(
+                        f"detector {key or det.name!r} has other ID classes (or another order) than the benchmark: "
+                        f"{det.classes[:3]}... vs {self.classes[:3]}...")
             elif isinstance(d, Mapping):  # {"label": {"method": "mcm", "temperature": 0.5}}
                 kw = dict(d)
                 det = make_detector(kw.pop("method", key), encoder, self.classes, templates=self.templates, **kw)
@@ -117,6 +126,16 @@ class Benchmark:
         if not out:
             raise InvalidInputError("no detectors to evaluate")
         return out
+
+    def _id_labels(self, id_feats: Features) -> np.ndarray | None:
+        """Class indices of the ID images, or None when the set has no labels; partly labelled sets are refused."""
+        if id_feats.labels is None:
+            return None
+        missing = [i for i, lb in zip(id_feats.ids, id_feats.labels) if lb is None]
+        if missing:
+            raise InvalidInputError(f"ID set: {len(missing)} of {len(id_feats)} image(s) have no label "
+                                    f"(first: {printable(str(missing[0]))}); label every image or none")
+        return map_labels(id_feats.labels, self.classes)
 
     def extract(self, encoder: Encoder, local: bool = False, cache: CacheArg = True, **kw: Any) -> dict[str, Features]:
         """Features of the ID set (key ``"ID"``) and of every OOD set, each image encoded once."""
@@ -141,8 +160,14 @@ class Benchmark:
             encoder.require_local()  # before any image is encoded
         feats = dict(features) if features is not None else self.extract(
             encoder, local=local, cache=cache, batch_size=batch_size, num_workers=num_workers, progress=progress)
+        absent = [n for n in ("ID", *(n for g in self.ood.values() for n in g)) if n not in feats]
+        if absent:
+            raise InvalidInputError(f"features= lacks the set(s) {absent}; pass Benchmark.extract's result")
         id_feats = feats["ID"]
-        id_labels = map_labels(id_feats.labels, self.classes) if id_feats.labels is not None else None
+        id_labels = self._id_labels(id_feats)
+        notes = [] if id_labels is not None else [NO_LABELS]
+        if id_labels is None:
+            warnings.warn(NO_LABELS, stacklevel=2)
 
         rows: list[dict[str, Any]] = []
         scores: dict[str, dict[str, np.ndarray]] = {}
@@ -169,7 +194,7 @@ class Benchmark:
         skipped = [(name, i, msg) for name, f in feats.items() for i, msg in f.errors]
         report = Report(name=self.name, rows=rows, id_accuracy=accuracy, scores=scores, skipped=skipped,
                         counts={k: len(v) for k, v in feats.items()}, groups={g: list(s) for g, s in self.ood.items()},
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0, notes=notes)
         if progress is not False:
             print(report.summary(), file=sys.stderr)
         return report

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import printable
 from ..text.cache import atomic_write_bytes
 
 METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out", "autc")
@@ -18,7 +19,28 @@ _HEAD = {"fpr95": "FPR95 ↓", "auroc": "AUROC ↑", "aupr_in": "AUPR-In ↑", "
 
 
 def _slug(s: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in printable(s))
+
+
+def _cell(s: Any) -> str:
+    """A Markdown table cell: printable, with ``|`` escaped so a name cannot split the row."""
+    return printable(str(s)).replace("|", "\\|")
+
+
+def _plain(s: Any) -> str:
+    """Text for a plot: printable, with ``$`` escaped so matplotlib does not parse a name as mathtext."""
+    return printable(str(s)).replace("$", r"\$")
+
+
+def _clean(obj: Any) -> Any:
+    """``obj`` with every string made printable (file names with undecodable bytes), for JSON."""
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, dict):
+        return {_clean(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
 
 
 @dataclass
@@ -29,6 +51,7 @@ class Report:
     a group with several OOD sets also gets a ``dataset == "mean"`` row. ``id_accuracy``: per method, the
     zero-shot accuracy on labelled ID images (None without labels). ``scores``: per method, the score
     arrays of ``"ID"`` and each OOD set. ``skipped``: ``(set, image id, reason)`` for unreadable images.
+    ``notes``: caveats shown in the report (e.g. why ID accuracy is n/a).
     """
 
     name: str
@@ -39,6 +62,7 @@ class Report:
     counts: dict[str, int] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def metric(self, method: str, dataset: str, key: str, group: str | None = None) -> float:
         """One number, e.g. ``report.metric("mcm", "textures", "auroc")`` (``dataset="mean"`` needs ``group``)."""
@@ -57,16 +81,19 @@ class Report:
 
     # ------------------------------------------------------------------ table exports
     def to_markdown(self) -> str:
-        out = [f"# {self.name}", ""]
+        out = [f"# {printable(self.name)}", ""]
         out.append(f"ID images: {self.counts.get('ID', 0)}; OOD sets: "
-                   + ", ".join(f"{n} ({self.counts.get(n, 0)})" for g in self.groups.values() for n in g) + ".")
+                   + ", ".join(f"{printable(n)} ({self.counts.get(n, 0)})" for g in self.groups.values() for n in g)
+                   + ".")
         out.append("Scores are higher for more in-distribution inputs; ID is the positive class.")
+        out += [f"Note: {printable(n)}." for n in self.notes]
         out += ["", "## Summary (mean over each group's OOD sets)", ""]
         groups = list(self.groups)
-        head = ["method"] + [f"{g} FPR95 ↓" for g in groups] + [f"{g} AUROC ↑" for g in groups] + ["ID acc ↑"]
+        head = (["method"] + [f"{_cell(g)} FPR95 ↓" for g in groups] + [f"{_cell(g)} AUROC ↑" for g in groups]
+                + ["ID acc ↑"])
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in self.scores:
-            cells = [m]
+            cells = [_cell(m)]
             for key in ("fpr95", "auroc"):
                 for g in groups:
                     ds = "mean" if len(self.groups[g]) > 1 else self.groups[g][0]
@@ -78,11 +105,11 @@ class Report:
         head = ["method", "group", "dataset"] + [_HEAD[k] for k in METRICS]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
-            out.append("| " + " | ".join([r["method"], r["group"], r["dataset"]]
+            out.append("| " + " | ".join([_cell(r["method"]), _cell(r["group"]), _cell(r["dataset"])]
                                          + [f"{100 * r[k]:.2f}" for k in METRICS]) + " |")
         if self.skipped:
             out += ["", f"## Skipped images ({len(self.skipped)})", ""]
-            out += [f"- `{s}` {i}: {msg}" for s, i, msg in self.skipped]
+            out += [f"- `{printable(s)}` {printable(i)}: {printable(msg)}" for s, i, msg in self.skipped]
         return "\n".join(out) + "\n"
 
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
@@ -92,29 +119,31 @@ class Report:
         w.writeheader()
         for r in self.rows:
             w.writerow({**{k: r[k] for k in cols if k in r}, "id_accuracy": self.id_accuracy.get(r["method"])})
-        text = buf.getvalue()
+        text = printable(buf.getvalue())
         if path is not None:
-            atomic_write_bytes(Path(path), text.encode())
+            atomic_write_bytes(Path(path), text.encode("utf-8"))
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "rows": self.rows, "id_accuracy": self.id_accuracy, "counts": self.counts,
-                "groups": self.groups, "seconds": self.seconds,
-                "skipped": [{"set": s, "id": i, "error": e} for s, i, e in self.skipped]}
+        return _clean({"name": self.name, "rows": self.rows, "id_accuracy": self.id_accuracy, "counts": self.counts,
+                       "groups": self.groups, "seconds": self.seconds, "notes": self.notes,
+                       "skipped": [{"set": s, "id": i, "error": e} for s, i, e in self.skipped]})
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            atomic_write_bytes(Path(path), text.encode())
+            atomic_write_bytes(Path(path), text.encode("utf-8"))
         return text
 
     # ------------------------------------------------------------------ plots
     def plot(self, folder: str | os.PathLike) -> list[Path]:
-        """Per method: ``hist_<method>.png`` (ID vs each OOD set) and ``roc_<method>.png``. Returns the paths."""
-        import matplotlib
+        """Per method: ``hist_<method>.png`` (ID vs each OOD set) and ``roc_<method>.png``. Returns the paths.
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        Figures are drawn with the Agg canvas directly: pyplot's global state and the user's matplotlib
+        backend (e.g. Jupyter's inline one) are left untouched. Names are shown literally (no mathtext).
+        """
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         from ..metrics import roc_curve
 
@@ -122,35 +151,46 @@ class Report:
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         ood_names = [n for g in self.groups.values() for n in g]
+        used: set[str] = set()
         for m, s in self.scores.items():
-            fig, axes = plt.subplots(1, len(ood_names), figsize=(4 * len(ood_names), 3.2), squeeze=False)
+            stem, k = _slug(m), 1
+            while stem in used:  # two method labels with the same slug must not overwrite each other's plots
+                k += 1
+                stem = f"{_slug(m)}-{k}"
+            used.add(stem)
+            fig = Figure(figsize=(4 * len(ood_names), 3.2))
+            FigureCanvasAgg(fig)
+            axes = fig.subplots(1, len(ood_names), squeeze=False)
             for ax, name in zip(axes[0], ood_names):
                 lo = min(s["ID"].min(), s[name].min())
                 hi = max(s["ID"].max(), s[name].max())
                 bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
-                ax.hist(s["ID"], bins=bins, alpha=0.6, density=True, label=f"ID ({len(s['ID'])})")
-                ax.hist(s[name], bins=bins, alpha=0.6, density=True, label=f"{name} ({len(s[name])})")
-                ax.set_title(f"{name}: AUROC {100 * self.metric(m, name, 'auroc'):.1f}")
-                ax.set_xlabel(f"{m} score (higher = more ID)")
-                ax.legend(fontsize=8)
+                h1 = ax.hist(s["ID"], bins=bins, alpha=0.6, density=True)[2]
+                h2 = ax.hist(s[name], bins=bins, alpha=0.6, density=True)[2]
+                ax.set_title(_plain(f"{name}: AUROC {100 * self.metric(m, name, 'auroc'):.1f}"))
+                ax.set_xlabel(_plain(f"{m} score (higher = more ID)"))
+                ax.legend([h1[0], h2[0]], [_plain(f"ID ({len(s['ID'])})"), _plain(f"{name} ({len(s[name])})")],
+                          fontsize=8)
             fig.tight_layout()
-            paths.append(folder / f"hist_{_slug(m)}.png")
+            paths.append(folder / f"hist_{stem}.png")
             fig.savefig(paths[-1], dpi=100)
-            plt.close(fig)
 
-            fig, ax = plt.subplots(figsize=(4.2, 4))
+            fig = Figure(figsize=(4.2, 4))
+            FigureCanvasAgg(fig)
+            ax = fig.subplots()
+            lines = []
             for name in ood_names:
                 fpr, tpr = roc_curve(s["ID"], s[name])
-                ax.plot(fpr, tpr, label=f"{name} ({100 * self.metric(m, name, 'auroc'):.1f})")
+                lines += ax.plot(fpr, tpr)
             ax.plot([0, 1], [0, 1], ls=":", c="gray")
             ax.set_xlabel("FPR (OOD accepted)")
             ax.set_ylabel("TPR (ID kept)")
-            ax.set_title(f"ROC, {m}")
-            ax.legend(fontsize=8, loc="lower right")
+            ax.set_title(_plain(f"ROC, {m}"))
+            ax.legend(lines, [_plain(f"{n} ({100 * self.metric(m, n, 'auroc'):.1f})") for n in ood_names],
+                      fontsize=8, loc="lower right")
             fig.tight_layout()
-            paths.append(folder / f"roc_{_slug(m)}.png")
+            paths.append(folder / f"roc_{stem}.png")
             fig.savefig(paths[-1], dpi=100)
-            plt.close(fig)
         return paths
 
     def save(self, folder: str | os.PathLike, plots: bool = True) -> dict[str, Path]:
@@ -158,7 +198,7 @@ class Report:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         out = {"report": folder / "report.md", "csv": folder / "results.csv", "json": folder / "results.json"}
-        atomic_write_bytes(out["report"], self.to_markdown().encode())
+        atomic_write_bytes(out["report"], self.to_markdown().encode("utf-8"))
         self.to_csv(out["csv"])
         self.to_json(out["json"])
         if plots:

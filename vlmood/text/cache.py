@@ -9,9 +9,15 @@ Layout under ``root`` (``$VLMOOD_CACHE`` or the platform cache dir)::
 A namespace is one encoder (and, for images, one preprocessing); a key is the sha256 of an exact string
 (the prompt, or an image's identity). Every shard is written to a
 temporary file and renamed into place, so readers never see a partial shard, and concurrent writers
-each add their own shards (the index is updated under a file lock and re-derived from the folder when
-a shard is missing from it). Each shard carries a checksum of its tensors: a truncated or corrupted
+each add their own shards (the index is updated under a file lock). Shards are self-describing (their
+metadata carries their checksum and row count): a missing, truncated or malformed ``index.json`` is rebuilt
+from them on the next write. Each shard carries a checksum of its tensors: a truncated or corrupted
 shard is detected, reported with a warning, removed, and its prompts are recomputed.
+
+The cache never stops a computation: a read-only folder or a full disk gives one :class:`CacheWarning` per
+cache root and process, and the results are returned without being stored. A failed write removes its
+temporary file, and temporary files left by killed processes are swept after :data:`STALE_TMP_SECONDS`.
+Only finite embeddings are stored or served.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -27,14 +34,27 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .._io import printable
 from .._paths import cache_root
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
+STALE_TMP_SECONDS = 3600.0
+"""A temporary ``.*.tmp`` file in a cache folder older than this (seconds) was left by a killed or failed writer
+and is removed; younger ones may belong to a concurrent writer and are left alone."""
+_warned: set[tuple[str, str]] = set()  # (cache root, "read"/"write") already warned about in this process
+
+
+class CacheWarning(UserWarning):
+    """The embedding cache could not be read or written; results are computed without it."""
 
 
 def prompt_key(text: str) -> bytes:
-    """The 32-byte cache key of a prompt: sha256 of its exact UTF-8 bytes."""
-    return hashlib.sha256(text.encode("utf-8")).digest()
+    """The 32-byte cache key of a prompt: sha256 of its exact UTF-8 bytes.
+
+    Lone surrogates (file names with undecodable bytes, as ``os.fsdecode`` returns them) are encoded with
+    ``surrogatepass``, so every Python string has a key; valid text keys are unchanged.
+    """
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def _checksum(keys: torch.Tensor, emb: torch.Tensor) -> str:
@@ -45,13 +65,53 @@ def _checksum(keys: torch.Tensor, emb: torch.Tensor) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a unique temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` via a unique temporary file and an atomic rename.
+
+    On any failure (a full disk, a read-only folder, an interrupt) the temporary file is removed and the
+    exception re-raised; ``path`` is then unchanged.
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def sweep_stale_temp_files(folder: Path, max_age: float = STALE_TMP_SECONDS) -> int:
+    """Remove the temporary files (``.*.tmp``) older than ``max_age`` seconds in ``folder``; returns how many."""
+    now = time.time()
+    removed = 0
+    with contextlib.suppress(OSError):
+        for p in folder.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime >= max_age:
+                    p.unlink()
+                    removed += 1
+    return removed
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("checksum"), str) and len(entry["checksum"]) == 64
+            and isinstance(entry.get("count"), int) and not isinstance(entry["count"], bool) and entry["count"] >= 0)
+
+
+def _shard_entry(shard: Path) -> dict | None:
+    """A shard's index entry read from its own metadata, or None when its header is unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(shard), framework="pt") as f:
+            meta = f.metadata() or {}
+        entry = {"count": int(meta["count"]), "checksum": meta["checksum"]}
+    except Exception:  # unreadable or not a shard: get() reports and removes it when it is needed
+        return None
+    return entry if _valid_entry(entry) else None
 
 
 @contextlib.contextmanager
@@ -86,6 +146,7 @@ class EmbeddingCache:
         self.dtype = dtype
         self.kind = kind
         self._verified: dict[Path, tuple[int, int]] = {}  # shard -> (size, mtime_ns) verified in this process
+        self._swept: set[Path] = set()  # folders whose stale temporary files were removed in this process
 
     def __repr__(self) -> str:
         return f"EmbeddingCache(root={str(self.root)!r}, dtype={self.dtype!r}, kind={self.kind!r})"
@@ -94,29 +155,57 @@ class EmbeddingCache:
         # the storage dtype is part of the folder: an exact float32 cache never serves float16-rounded values
         return self.root / self.kind / hashlib.sha256(f"{namespace}|{self.dtype}".encode()).hexdigest()[:24]
 
+    def _sweep_once(self, folder: Path) -> None:
+        if folder not in self._swept:
+            self._swept.add(folder)
+            sweep_stale_temp_files(folder)
+
+    def _warn_once(self, what: str, error: OSError) -> None:
+        """One :class:`CacheWarning` per cache root, operation and process (not one per batch or call)."""
+        key = (str(self.root), what)
+        if key in _warned:
+            return
+        _warned.add(key)
+        reason = error.strerror or str(error) or type(error).__name__
+        fix = ("set VLMOOD_CACHE to a writable folder, free disk space, or pass cache=False" if what == "write"
+               else "check the folder's permissions, or pass cache=False")
+        warnings.warn(f"cannot {what} the {self.kind} cache in {printable(str(self.root))} ({reason}); continuing "
+                      f"without it: results are computed{' but not saved' if what == 'write' else ''} ({fix})",
+                      CacheWarning, stacklevel=4)
+
     # ------------------------------------------------------------------ reading
     def get(self, namespace: str, texts: Sequence[str]) -> dict[int, torch.Tensor]:
-        """Cached embeddings of ``texts``: ``{position in texts: float32 [D] tensor}`` for every hit."""
+        """Cached embeddings of ``texts``: ``{position in texts: float32 [D] tensor}`` for every hit.
+
+        An unreadable cache folder gives one :class:`CacheWarning` and no hits (everything is recomputed).
+        """
         folder = self.folder(namespace)
-        if not folder.is_dir() or not texts:
+        try:
+            if not folder.is_dir() or not texts:
+                return {}
+            self._sweep_once(folder)
+            want: dict[bytes, list[int]] = {}
+            for i, t in enumerate(texts):
+                want.setdefault(prompt_key(t), []).append(i)
+            found: dict[int, torch.Tensor] = {}
+            index = self._read_index(folder) or {}
+            for shard in sorted(folder.glob("*.safetensors")):
+                if not want:
+                    break
+                loaded = self._load_hits(shard, index.get(shard.name), want)
+                if loaded is None:
+                    continue
+                rows, emb = loaded
+                for k, r in rows.items():
+                    vec = emb[r].float()
+                    if not bool(torch.isfinite(vec).all()):  # never serve NaN/Inf (written by an older version)
+                        continue
+                    for i in want.pop(k):
+                        found[i] = vec
+            return found
+        except OSError as e:
+            self._warn_once("read", e)
             return {}
-        want: dict[bytes, list[int]] = {}
-        for i, t in enumerate(texts):
-            want.setdefault(prompt_key(t), []).append(i)
-        found: dict[int, torch.Tensor] = {}
-        index = self._read_index(folder)
-        for shard in sorted(folder.glob("*.safetensors")):
-            if not want:
-                break
-            loaded = self._load_hits(shard, index.get(shard.name), want)
-            if loaded is None:
-                continue
-            rows, emb = loaded
-            for k, r in rows.items():
-                vec = emb[r].float()
-                for i in want.pop(k):
-                    found[i] = vec
-        return found
 
     def _load_hits(self, shard: Path, entry: dict | None, want: dict[bytes, Any]):
         """``({key: row}, emb)`` for the wanted keys this shard holds, or None. The embeddings of a shard are
@@ -147,6 +236,8 @@ class EmbeddingCache:
             return rows, emb
         except FileNotFoundError:
             return None  # removed by a concurrent process
+        except PermissionError:
+            raise  # an unreadable folder, not a corrupted shard: get() warns once and recomputes
         except Exception as e:
             warnings.warn(
                 f"{self.kind} cache shard {shard} is corrupted ({type(e).__name__}: {e}); "
@@ -158,26 +249,52 @@ class EmbeddingCache:
             return None
 
     @staticmethod
-    def _read_index(folder: Path) -> dict[str, dict]:
+    def _read_index(folder: Path) -> dict[str, dict] | None:
+        """The well-formed entries of ``index.json``; ``{}`` when it is missing and None when it is malformed
+        (not JSON, not ``{"shards": {name: {"count": int, "checksum": str}}}``). Malformed entries are left out:
+        the shards are self-describing and :meth:`put` rebuilds the index from them."""
         try:
-            return json.loads((folder / "index.json").read_text()).get("shards", {})
-        except (OSError, ValueError, AttributeError):
-            return {}  # missing or unreadable: shards are self-describing, the index is re-derived on write
+            raw = json.loads((folder / "index.json").read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return None
+        shards = raw.get("shards") if isinstance(raw, dict) else None
+        if not isinstance(shards, dict):
+            return None
+        return {n: e for n, e in shards.items() if isinstance(n, str) and _valid_entry(e)}
 
     # ------------------------------------------------------------------ writing
     def put(self, namespace: str, texts: Sequence[str], embeddings: torch.Tensor) -> Path | None:
-        """Store ``embeddings`` (``[len(texts), D]``) as one new shard; returns its path."""
+        """Store ``embeddings`` (``[len(texts), D]``) as one new shard; returns its path.
+
+        Returns None when there is nothing to store or the folder cannot be written (read-only, full disk:
+        one :class:`CacheWarning`, no temporary file left). Raises ValueError for non-finite rows, which
+        must never be served as embeddings.
+        """
         if len(texts) == 0:
             return None
-        if embeddings.shape[0] != len(texts):
-            raise ValueError(f"{len(texts)} texts but {embeddings.shape[0]} embeddings")
-        folder = self.folder(namespace)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
+            raise ValueError(f"{len(texts)} texts but embeddings of shape {tuple(embeddings.shape)}")
+        emb = embeddings.detach().to("cpu", _DTYPES[self.dtype]).contiguous()
+        finite = torch.isfinite(emb).all(dim=1)
+        if not bool(finite.all()):
+            bad = [texts[i] for i in torch.nonzero(~finite).flatten().tolist()]
+            raise ValueError(f"refusing to cache {len(bad)} non-finite (NaN/Inf) embedding row(s), "
+                             f"e.g. {printable(bad[0])!r}")
+        try:
+            return self._write_shard(self.folder(namespace), namespace, texts, emb)
+        except OSError as e:
+            self._warn_once("write", e)
+            return None
+
+    def _write_shard(self, folder: Path, namespace: str, texts: Sequence[str], emb: torch.Tensor) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
+        self._sweep_once(folder)
         meta = folder / "meta.json"
         if not meta.exists():
             atomic_write_bytes(meta, json.dumps({"namespace": namespace}, indent=1).encode())
         keys = torch.from_numpy(np.frombuffer(b"".join(prompt_key(t) for t in texts), dtype=np.uint8).reshape(-1, 32).copy())
-        emb = embeddings.detach().to("cpu", _DTYPES[self.dtype]).contiguous()
         checksum = _checksum(keys, emb)
         from safetensors.torch import save
 
@@ -185,12 +302,17 @@ class EmbeddingCache:
         name = f"{uuid.uuid4().hex}.safetensors"
         shard = folder / name
         atomic_write_bytes(shard, data)
+        st = shard.stat()
+        self._verified[shard] = (st.st_size, st.st_mtime_ns)
         with _file_lock(folder / "index.lock"):
-            index = self._read_index(folder)
-            index = {n: e for n, e in index.items() if (folder / n).exists()}
+            old = self._read_index(folder) or {}
+            index: dict[str, dict] = {}
+            for p in sorted(folder.glob("*.safetensors")):  # listed shards, plus any the index lost
+                entry = old.get(p.name) or _shard_entry(p)
+                if entry is not None:
+                    index[p.name] = entry
             index[name] = {"count": len(texts), "checksum": checksum}
             atomic_write_bytes(folder / "index.json", json.dumps({"shards": index}, indent=1).encode())
-        self._verified[shard] = (shard.stat().st_size, shard.stat().st_mtime_ns)
         return shard
 
     def clear(self, namespace: str | None = None) -> None:

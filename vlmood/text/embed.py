@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._io import printable
 from .._paths import cache_root
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, NonFiniteEmbeddingError
 from .cache import EmbeddingCache
 from .prompts import class_prompts, load_classes, load_templates
 
@@ -18,6 +19,18 @@ if TYPE_CHECKING:
 CacheArg = Union[EmbeddingCache, bool, None]
 _TEXT_ENGINE_VERSION = "text-v1"
 _default_caches: dict[str, EmbeddingCache] = {}
+_MAX_NAMED = 5  # prompts named in an error message, then a count
+
+
+def _check_finite(texts: Sequence[str], emb: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteEmbeddingError` naming the prompts whose embedding row is not finite."""
+    bad = torch.nonzero(~torch.isfinite(emb).all(dim=1)).flatten().tolist()
+    if bad:
+        shown = ", ".join(repr(printable(texts[i])) for i in bad[:_MAX_NAMED])
+        more = f" and {len(bad) - _MAX_NAMED} more" if len(bad) > _MAX_NAMED else ""
+        raise NonFiniteEmbeddingError(
+            f"non-finite text embeddings (NaN/Inf) for {len(bad)} prompt(s): {shown}{more}; the text encoder "
+            "overflowed (fp16? use fp32 precision) or its weights are broken")
 
 
 def default_cache() -> EmbeddingCache:
@@ -50,7 +63,17 @@ def compute_text_embeddings(
 
     Prompts are sorted by token length and each batch runs only over its longest prompt's positions
     when the encoder's text tower makes that exact (causal attention, end-token pooling).
+    Raises :class:`NonFiniteEmbeddingError` naming the prompts whose embedding is NaN/Inf.
     """
+    out = _compute(encoder, texts, batch_size, progress)
+    _check_finite(texts, out)
+    return out
+
+
+def _compute(
+    encoder: "Encoder", texts: Sequence[str], batch_size: int | None = None, progress: bool | None = None
+) -> torch.Tensor:
+    """:func:`compute_text_embeddings` without the finiteness check (rows may be NaN/Inf)."""
     if len(texts) == 0:
         return torch.empty(0, encoder.embed_dim)
     bs = batch_size or encoder.text_batch_size
@@ -81,7 +104,9 @@ def embed_texts(
     """Embed prompts through the cache: ``[M, D]`` float32, L2-normalised, in input order.
 
     Duplicate prompts are encoded once. With a cache, hits are read from disk and only misses are
-    computed (then stored). ``cache``: an :class:`EmbeddingCache`, ``True`` (default cache), or ``None``.
+    computed (then stored; a read-only or full cache folder gives one warning and no caching).
+    ``cache``: an :class:`EmbeddingCache`, ``True`` (default cache), or ``None``.
+    Raises :class:`NonFiniteEmbeddingError` naming the prompts whose embedding is NaN/Inf (never cached).
     """
     if isinstance(texts, str):
         raise InvalidInputError("texts must be a sequence of strings, not a single string")
@@ -98,10 +123,14 @@ def embed_texts(
     for i, v in hits.items():
         vecs[i] = v
     if missing:
-        new = compute_text_embeddings(encoder, [uniq[i] for i in missing], batch_size, progress)
+        todo = [uniq[i] for i in missing]
+        new = _compute(encoder, todo, batch_size, progress)
+        finite = torch.isfinite(new).all(dim=1)
+        if store is not None and bool(finite.any()):  # the finite ones are kept even when others are not
+            keep = torch.nonzero(finite).flatten().tolist()
+            store.put(ns, [todo[k] for k in keep], new[keep])
+        _check_finite(todo, new)
         vecs[missing] = new
-        if store is not None:
-            store.put(ns, [uniq[i] for i in missing], new)
     pos = {t: i for i, t in enumerate(uniq)}
     return vecs[[pos[t] for t in texts]]
 

@@ -5,18 +5,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+from .._io import read_text
 from .._paths import data_root
 from ..errors import InvalidInputError
 
-DEFAULT_TEMPLATES = "simple"  # "a photo of a {}." as in MCM
+DEFAULT_TEMPLATES = "simple"  # "a photo of a {}" (no full stop), as MCM and GL-MCM prompt
+_WHAT = {"templates": "template file", "classes": "class list"}
 
 
-def _read_lines(path: Path) -> list[str]:
-    """Non-empty lines of a text file; lines starting with ``#`` are comments."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InvalidInputError(f"cannot read {path}: {e.strerror or e}") from e
+def _read_lines(path: Path, what: str = "file") -> list[str]:
+    """Non-empty lines of a UTF-8 text file (a byte-order mark is dropped); lines starting with ``#`` are
+    comments. A non-UTF-8 or unreadable file raises a one-line :class:`InvalidInputError` naming it."""
+    text = read_text(path, what)
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
@@ -29,19 +29,20 @@ def _resolve(spec: str, kind: str) -> list[str] | None:
     """Lines of a bundled list named ``spec`` or of a file at path ``spec``; None if neither exists."""
     builtin = data_root("prompts") / kind / f"{spec}.txt"
     if builtin.is_file():
-        return _read_lines(builtin)
+        return _read_lines(builtin, f"bundled {_WHAT[kind]}")
     p = Path(spec).expanduser()
     if p.is_file():
-        return _read_lines(p)
+        return _read_lines(p, _WHAT[kind])
     return None
 
 
 def load_templates(spec: str | Sequence[str] | None = None) -> list[str]:
     """Prompt templates, each with exactly one ``{}`` for the class name.
 
-    ``spec``: a bundled name (``simple``, ``imagenet7``, ``imagenet80``, ``neglabel_noun``, ``neglabel_adj``),
-    a file with one template per line, a single template string containing ``{}``, or a list of templates.
-    ``None`` gives ``["a photo of a {}."]``.
+    ``spec``: a bundled name (``simple``, ``imagenet7``, ``imagenet80``, ``neglabel_noun``, ``neglabel_adj``,
+    ``csp_noun``, ``csp_adj``), a UTF-8 file with one template per line (``#`` comments), a single template
+    string containing ``{}``, or a list of templates. ``None`` gives ``["a photo of a {}"]``, MCM's prompt.
+    Repeated templates are refused (they would silently weigh double in the ensemble).
     """
     if spec is None:
         spec = DEFAULT_TEMPLATES
@@ -62,6 +63,9 @@ def load_templates(spec: str | Sequence[str] | None = None) -> list[str]:
     bad = [t for t in lines if t.count("{}") != 1]
     if bad:
         raise InvalidInputError(f"templates must contain exactly one '{{}}' for the class name; bad: {bad[:3]}")
+    dups = [t for t, n in Counter(lines).items() if n > 1]
+    if dups:
+        raise InvalidInputError(f"duplicate templates: {', '.join(repr(d) for d in dups[:3])}")
     return lines
 
 

@@ -1,0 +1,46 @@
+"""Small I/O helpers shared by every module that reads user text files or prints user paths."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import InvalidInputError
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of a UTF-8 file, with a leading byte-order mark removed (``utf-8-sig``).
+
+    ``what`` names the kind of file in messages (``"class list"``, ``"manifest"``...). A missing, unreadable or
+    non-UTF-8 file (Latin-1, UTF-16, binary) raises :class:`~vlmood.errors.InvalidInputError` with one line naming
+    the file, the first offending byte and how to convert it.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except IsADirectoryError:
+        raise InvalidInputError(f"{what} {printable(str(p))} is a folder, not a file") from None
+    except OSError as e:
+        raise InvalidInputError(f"cannot read {what} {printable(str(p))}: {e.strerror or e}") from None
+    if data.startswith(_UTF16_BOMS):
+        raise InvalidInputError(f"{what} {printable(str(p))} is UTF-16 text; save it as UTF-8 "
+                                "(e.g. iconv -f UTF-16 -t UTF-8)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InvalidInputError(
+            f"{what} {printable(str(p))} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+            "save it as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8 FILE)") from None
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print or encode as UTF-8: undecodable bytes of file names (lone surrogates from
+    ``os.fsdecode``) become ``\\xNN`` escapes instead of raising ``UnicodeEncodeError``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "backslashreplace")
