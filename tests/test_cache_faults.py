@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import vlmood._signals
 import vlmood.features as feats_mod
 import vlmood.text.cache as cache_mod
 from vlmood.features import extract_features, feature_namespace
@@ -108,12 +109,56 @@ def test_shards_are_written_during_the_run(tiny, tmp_path, monkeypatch, interval
     assert cached_rows(tiny) == 10
 
 
+class Stop(Exception):
+    """Stands for the process ending (the default action of SIGTERM) in an in-process test."""
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_text_embedding_keeps_the_completed_prompts(tiny, tmp_path, monkeypatch, how):
+    import vlmood.text.embed as embed_mod
+
+    prompts = [f"the prompt number {i}." for i in range(1000)]
+    monkeypatch.setattr(embed_mod, "_STORE_PROMPTS", 300, raising=False)
+    real = type(tiny)._encode_token_batch
+    calls = []
+
+    def interrupt_fifth(this, tokens, length):
+        calls.append(len(tokens))
+        if len(calls) == 5:
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            handler = signal.getsignal(signal.SIGTERM)
+            assert callable(handler), "no SIGTERM handler while embedding"  # never kill the test run
+            os.kill(os.getpid(), signal.SIGTERM)  # vlmood's handler unwinds; the default would kill us
+            time.sleep(5)
+        return real(this, tokens, length)
+
+    died = []
+    monkeypatch.setattr(vlmood._signals, "_die_of", lambda signum: died.append(signum) or (_ for _ in ()).throw(Stop()))
+    monkeypatch.setattr(type(tiny), "_encode_token_batch", interrupt_fifth)
+    cache = EmbeddingCache(tmp_path / "c")
+    with pytest.raises(KeyboardInterrupt if how == "ctrl-c" else Stop):
+        embed_texts(tiny, prompts, batch_size=100, cache=cache)
+    assert died == ([] if how == "ctrl-c" else [signal.SIGTERM])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.setattr(type(tiny), "_encode_token_batch", real)
+    hits = EmbeddingCache(tmp_path / "c").get(cache_namespace(tiny), prompts)
+    assert len(hits) == 400  # a 300-prompt shard after batch 3, and batch 4 when the 5th was interrupted
+    ref = embed_texts(tiny, prompts)
+    got = torch.stack([hits[i] for i in sorted(hits)])
+    assert torch.allclose(got, ref[sorted(hits)], atol=1e-6)
+    calls.clear()
+    monkeypatch.setattr(type(tiny), "_encode_token_batch", lambda this, t, n: calls.append(len(t)) or real(this, t, n))
+    again = embed_texts(tiny, prompts, batch_size=100, cache=cache)
+    assert sum(calls) == 600 and torch.allclose(again, ref, atol=1e-6)  # the run resumes
+
+
 CHILD = r"""
 import sys, time
 import vlmood.features as F
 from vlmood.testing import tiny_encoder
 
-folder, flush_images, slow_from = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+folder, flush_images, slow_from, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 F._FLUSH_IMAGES = flush_images
 enc = tiny_encoder(0)
 real = type(enc)._encode_image_batch
@@ -127,23 +172,28 @@ def slow(self, batch, local):
     return real(self, batch, local)
 
 type(enc)._encode_image_batch = slow
-F.extract_features(enc, folder, batch_size=2, num_workers=0, progress=False)
+F.extract_features(enc, folder, batch_size=2, num_workers=workers, progress=False)
 print("finished", flush=True)
 """
 
 
-def run_child_and_signal(folder, flush_images, at_call, sig):
-    """Run an extraction in a subprocess and send it ``sig`` while its encoder call ``at_call`` is running."""
+def run_child_and_signal(folder, flush_images, at_call, sig, workers=0):
+    """Run an extraction in a subprocess and send it ``sig`` while its encoder call ``at_call`` is running; with
+    ``workers`` (DataLoader decoding processes), to its whole process group, as a terminal or a job manager does."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(flush_images), str(at_call)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(flush_images), str(at_call), str(workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=workers > 0)
     try:
         for line in proc.stdout:
             if line.strip() == f"call {at_call}":
                 break
         else:
             pytest.fail(f"child ended before call {at_call}: {proc.stderr.read()}")
-        proc.send_signal(sig)
+        if workers:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         proc.wait(timeout=60)
         return proc.returncode, proc.stderr.read()
     finally:
@@ -162,6 +212,17 @@ def test_sigterm_flushes_then_terminates_like_the_default(tiny, tmp_path, monkey
     assert sum(seen) == 6  # only the rest: the 4 images encoded before SIGTERM were flushed
     assert not all_temp_files(os.environ["VLMOOD_CACHE"])
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # not left installed in this process either
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="no process groups")
+def test_sigterm_to_the_process_group_with_workers_prints_no_traceback(tiny, tmp_path, monkeypatch):
+    make_images(tmp_path / "imgs", 12)
+    rc, err = run_child_and_signal(tmp_path / "imgs", 2, 3, signal.SIGTERM, workers=2)  # 2 batches of 2 done
+    assert rc == -signal.SIGTERM, err
+    assert "Traceback" not in err and "Exception ignored" not in err and "killed by signal" not in err, err
+    seen = count_encoded(tiny, monkeypatch)
+    extract_features(tiny, tmp_path / "imgs", batch_size=2, num_workers=0, progress=False)
+    assert sum(seen) == 8  # the 4 images encoded before SIGTERM were flushed
 
 
 def test_sigkill_loses_at_most_the_last_interval(tiny, tmp_path, monkeypatch):
@@ -372,3 +433,47 @@ def test_malformed_index_is_rebuilt_from_the_shards(tiny, tmp_path, monkeypatch,
             meta = f.metadata()
         assert index[p.name] == {"count": int(meta["count"]), "checksum": meta["checksum"]}
     assert sorted(e["count"] for e in index.values()) == [3, 3]
+
+
+# ------------------------------------------------------------------ unreadable shards, warnings per kind
+@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
+                                   OSError(errno.EIO, "Input/output error"),
+                                   OSError(errno.EMFILE, "Too many open files"), MemoryError()])
+def test_unreadable_shard_is_skipped_not_removed(tiny, tmp_path, monkeypatch, error):
+    import safetensors
+
+    cache = EmbeddingCache(tmp_path / "c")
+    first = embed_texts(tiny, PROMPTS[:3], cache=cache)
+    folder = cache.folder(cache_namespace(tiny))
+    (old,) = folder.glob("*.safetensors")
+    embed_texts(tiny, PROMPTS, cache=cache)
+    (bad,) = set(folder.glob("*.safetensors")) - {old}  # holds PROMPTS[3:]
+    real = safetensors.safe_open
+
+    def flaky(path, *a, **kw):
+        if pathlib.Path(path) == bad:
+            raise error
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(safetensors, "safe_open", flaky)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        hits = EmbeddingCache(tmp_path / "c").get(cache_namespace(tiny), PROMPTS)
+        EmbeddingCache(tmp_path / "c").get(cache_namespace(tiny), PROMPTS)  # no second warning
+    assert sorted(hits) == [0, 1, 2] and torch.equal(torch.stack([hits[i] for i in range(3)]), first)
+    (w,) = cache_warnings(record)
+    assert w.category is CacheWarning and f"cannot read text cache shard {bad}" in str(w.message)
+    assert "skipping it (not removed)" in str(w.message) and type(error).__name__ in str(w.message)
+    assert bad.exists() and old.exists()  # neither removed: the bad one is not known to be corrupted
+    monkeypatch.setattr(safetensors, "safe_open", real)
+    assert len(EmbeddingCache(tmp_path / "c").get(cache_namespace(tiny), PROMPTS)) == len(PROMPTS)
+
+
+def test_cache_warnings_are_once_per_kind(tmp_path, full_disk):
+    emb = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for kind in ("text", "features", "features", "text"):
+            assert EmbeddingCache(tmp_path / "c", kind=kind).put("ns", ["a", "b"], emb) is None
+    got = [str(w.message) for w in cache_warnings(record)]
+    assert len(got) == 2 and "write the text cache" in got[0] and "write the features cache" in got[1], got

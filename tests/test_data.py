@@ -275,3 +275,109 @@ def test_identities_in_parallel_match_one_by_one(tmp_path):
     keys = src.identities()
     assert keys == [src.identity(i) for i in range(20)] and len(set(keys)) == 20
     assert keys[3] == "sha256:" + hashlib.sha256((tmp_path / "03.ppm").read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ review of issue 11: globs, special files, hashing
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_glob_finds_files_through_a_symlinked_folder_reached_first_by_a_non_matching_path(tmp_path):
+    import glob
+
+    data = tmp_path / "g" / "data"
+    (data / "raw").mkdir(parents=True)
+    (data / "sets" / "id").mkdir(parents=True)
+    _ppm(data / "raw" / "x.ppm", (1, 2, 3))
+    _ppm(data / "sets" / "id" / "y.ppm", (4, 5, 6))
+    (data / "sets" / "ood").symlink_to("../raw", target_is_directory=True)  # raw/ itself sorts (and is met) first
+    pattern = str(data / "*" / "*" / "*.ppm")
+    want = sorted(glob.glob(pattern))
+    assert [Path(p).relative_to(data).as_posix() for p in want] == ["sets/id/y.ppm", "sets/ood/x.ppm"]
+    assert [i.path for i in list_images(pattern)] == want
+    # the same real folder searched again for other pattern positions, yet each real file once
+    assert [Path(i.path).relative_to(data).as_posix() for i in list_images(str(data / "**" / "*.ppm"))] == \
+        ["raw/x.ppm", "sets/id/y.ppm"]
+    assert [Path(i.path).relative_to(data).as_posix() for i in list_images(str(data / "sets" / "*" / "x.ppm"))] == \
+        ["sets/ood/x.ppm"]
+    (data / "raw" / "up").symlink_to("..", target_is_directory=True)  # a loop: ends, nothing twice
+    looped = list_images(str(data / "**" / "*.ppm"))
+    assert sorted(Path(i.path).name for i in looped) == ["x.ppm", "y.ppm"]
+    deep = list_images(str(data / "raw" / "*" / "*" / "*" / "*.ppm"))  # through the loop, as glob finds them
+    assert [i.path for i in deep] == sorted(glob.glob(str(data / "raw" / "*" / "*" / "*" / "*.ppm")))
+    assert [Path(i.path).relative_to(data).as_posix() for i in deep] == ["raw/up/sets/id/y.ppm",
+                                                                         "raw/up/sets/ood/x.ppm"]
+
+
+def _unblock(fifo):
+    """Open ``fifo`` for writing and close it, so that a reader blocked in open() gets end-of-file."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_named_pipes_are_never_opened(tmp_path):
+    import threading
+    import warnings
+
+    from vlmood.data import PathSource, file_digest
+
+    (tmp_path / "imgs").mkdir()
+    good = _ppm(tmp_path / "imgs" / "a.png", (9, 9, 9))
+    fifo = tmp_path / "imgs" / "b.png"
+    os.mkfifo(fifo)
+    done = {}
+
+    def scan():
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            items = list_images(tmp_path / "imgs")
+            done["globbed"] = list_images(str(tmp_path / "imgs" / "*.png"))
+        done["warnings"] = [str(w.message) for w in record]
+        done["items"] = [Path(i.path).name for i in items]
+        done["keys"] = PathSource(items).identities()
+        done["digest"] = file_digest(fifo)
+        done["listed"] = PathSource([ImageItem(str(good)), ImageItem(str(fifo))]).identities()
+        try:
+            load_image(fifo)
+        except ImageLoadError as e:
+            done["load"] = str(e)
+
+    t = threading.Thread(target=scan, daemon=True)
+    t.start()
+    t.join(20)
+    if t.is_alive():
+        _unblock(fifo)
+        t.join(5)
+        pytest.fail("blocked reading a named pipe")
+    assert done["items"] == ["a.png"] and [Path(i.path).name for i in done["globbed"]] == ["a.png"]
+    assert len(done["warnings"]) == 2 and all("not regular files (named pipes" in w and "b.png" in w
+                                              for w in done["warnings"])
+    assert done["keys"] == ["sha256:" + hashlib.sha256(good.read_bytes()).hexdigest()]
+    assert done["digest"] is None
+    assert done["listed"][0] == done["keys"][0] and done["listed"][1].startswith("unreadable:")
+    assert done["load"] == f"not an image file (a named pipe (FIFO)): {fifo}"
+    with pytest.raises(InvalidInputError, match=r"b.png' is a named pipe \(FIFO\), not an image file"):
+        list_images(fifo)
+
+
+def test_parallel_hashing_only_for_large_files(tmp_path, monkeypatch):
+    import threading
+
+    import vlmood.data as data_mod
+    from vlmood.data import PathSource
+
+    monkeypatch.setattr(data_mod, "_PARALLEL_HASH_BYTES", 1000)
+    paths = [_ppm(tmp_path / f"s{k:02d}.ppm", (k, 0, 0)) for k in range(20)]  # 8x8 PPM: 207 bytes
+    for k in range(3):
+        (tmp_path / f"l{k}.bin").write_bytes(bytes([k]) * 5000)
+        paths.append(tmp_path / f"l{k}.bin")
+    threads = {}
+    real = data_mod.file_digest
+    monkeypatch.setattr(data_mod, "file_digest", lambda p: threads.setdefault(Path(p).name, threading.get_ident())
+                        and real(p))
+    src = PathSource([ImageItem(str(p)) for p in paths])
+    keys = src.identities()
+    assert keys == ["sha256:" + hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    here = threading.get_ident()
+    assert all(threads[p.name] == here for p in paths[:20])  # small files: no pool
+    assert all(threads[p.name] != here for p in paths[20:])  # large ones: in the pool

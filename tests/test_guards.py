@@ -119,7 +119,7 @@ def test_registry_never_silently_replaces(monkeypatch):
 
 @pytest.mark.parametrize("seed", ["²", "99999999999999999999999", "-1", "1.5"])
 def test_odd_seeds_are_one_line_errors(seed):
-    with pytest.raises(InvalidInputError, match=r"none:seed=N' with N an integer"):
+    with pytest.raises(InvalidInputError, match=r"none:seed=N' with N a non-negative integer below"):
         parse_spec(f"open_clip:{TINY_ARCH}/none:seed={seed}")
 
 

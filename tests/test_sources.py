@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from vlmood.data import MemorySource, as_source, list_images, map_labels
-from vlmood.errors import InvalidInputError
+from vlmood.errors import ImageLoadError, InvalidInputError
 
 
 # ------------------------------------------------------------------ map_labels
@@ -185,3 +185,57 @@ def test_dataset_identity_is_content(tmp_path):
     assert gray.identity(0) == same.identity(0) + "|mode=L"  # decoded differently: another key
     with pytest.raises(InvalidInputError, match="streaming datasets"):
         as_source(same.ds.to_iterable_dataset())
+
+
+def test_dataset_path_and_bytes_columns_are_content_keyed(tiny, tmp_path):
+    """A string column of paths (load_dataset("csv"), hand-made datasets) keys the file's bytes, not the row:
+    an image overwritten in place (same size, mtime restored) is re-encoded, never served stale features."""
+    import hashlib
+    import os
+
+    import torch
+
+    from vlmood.features import extract_features
+
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "imgs").mkdir()
+    a, b = tmp_path / "imgs" / "a.png", tmp_path / "imgs" / "b.png"
+    Image.new("RGB", (8, 8), (250, 0, 0)).save(a, compress_level=0)  # stored: the size depends on 8x8 only
+    Image.new("RGB", (8, 8), (0, 250, 0)).save(b, compress_level=0)
+    datasets.Dataset.from_dict({"image": [str(a), str(b)], "label": ["x", "y"]}).save_to_disk(tmp_path / "ds")
+    spec = f"hf:{tmp_path / 'ds'}"
+    red = extract_features(tiny, spec, num_workers=0).features
+    st = a.stat()
+    Image.new("RGB", (8, 8), (0, 0, 250)).save(a, compress_level=0)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert a.stat().st_size == st.st_size and a.stat().st_mtime_ns == st.st_mtime_ns
+    blue = extract_features(tiny, spec, num_workers=0).features
+    fresh = extract_features(tiny, spec, cache=False, num_workers=0).features
+    assert torch.allclose(blue, fresh) and not torch.allclose(blue[0], red[0]) and torch.allclose(blue[1], red[1])
+    src = as_source(spec)
+    digest = "sha256:" + hashlib.sha256(a.read_bytes()).hexdigest()
+    assert src.identity(0) == src.identities()[0] == digest
+    # a binary column holds encoded images: keyed by their bytes, decoded from them (not taken as file names)
+    raw = datasets.Dataset.from_dict({"image": [a.read_bytes(), b"not an image"]})
+    bsrc = as_source(raw)
+    assert bsrc.identities() == [digest, "sha256:" + hashlib.sha256(b"not an image").hexdigest()]
+    assert bsrc.load(0).getpixel((0, 0)) == (0, 0, 250)
+    with pytest.raises(ImageLoadError, match=r"not an image .*: hf\[1\]"):
+        bsrc.load(1)
+
+    class PILRows:  # a dataset-like object whose cells are decoded PIL images: keyed by their pixels
+        column_names = ["image"]
+        features = {}
+        rows = [Image.new("RGB", (4, 4), (1, 2, 3)), Image.new("RGB", (4, 4), (3, 2, 1))]
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"image": self.rows[i]}
+
+    from vlmood.data import HFSource
+
+    pil = HFSource(PILRows())
+    assert pil.identities() == [MemorySource(PILRows.rows).identity(k) for k in range(2)]
+    assert pil.identity(0) != pil.identity(1)

@@ -225,3 +225,14 @@ def test_keys_with_undecodable_file_name_bytes(tmp_path):
     cache.put("ns", [name, "café.png"], emb)
     got = cache.get("ns", ["café.png", name])
     assert torch.equal(got[0], emb[1]) and torch.equal(got[1], emb[0])
+
+
+def test_printable_never_raises_on_lone_surrogates():
+    from vlmood._io import printable
+
+    assert printable("a\ud800b") == "a\\ud800b"  # a surrogate that is no escaped byte (JSON "\ud800")
+    assert printable(b"caf\xe9.png".decode("utf-8", "surrogateescape")) == "caf\\xe9.png"
+    assert printable("x\udce9\udfff") == "x\\udce9\\udfff"  # mixed: escaped, never raising
+    assert printable("plain café") == "plain café"
+    for s in ("a\ud800b", "x\udce9\udfff"):
+        printable(s).encode("utf-8")

@@ -9,12 +9,13 @@ from .evaluation import Benchmark, Report
 from .features import Features, extract_features
 from .metrics import evaluate
 from .text import EmbeddingCache, class_embeddings, embed_texts, load_classes, load_templates
+from .tuning import CoOp, LearnedPrompts, LoCoOp, load_prompts
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CSP", "DETECTORS", "GLMCM", "MCM", "NegLabel", "Benchmark", "Detector", "EmbeddingCache", "Encoder", "Energy", "Features",
-    "MaxLogit", "Prediction", "Report", "class_embeddings", "embed_texts", "evaluate", "extract_features",
-    "load_classes", "load_encoder", "load_templates",
+    "CSP", "DETECTORS", "GLMCM", "MCM", "NegLabel", "Benchmark", "CoOp", "Detector", "EmbeddingCache", "Encoder",
+    "Energy", "Features", "LearnedPrompts", "LoCoOp", "MaxLogit", "Prediction", "Report", "class_embeddings",
+    "embed_texts", "evaluate", "extract_features", "load_classes", "load_encoder", "load_prompts", "load_templates",
     "make_detector", "parse_spec",
 ]

@@ -37,10 +37,15 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
 
 def printable(text: str) -> str:
     """``text`` safe to print or encode as UTF-8: undecodable bytes of file names (lone surrogates from
-    ``os.fsdecode``) become ``\\xNN`` escapes instead of raising ``UnicodeEncodeError``."""
+    ``os.fsdecode``) become ``\\xNN`` escapes instead of raising ``UnicodeEncodeError``; other lone surrogates
+    (``"\\ud800"`` from JSON, or a Windows file name) become ``\\uXXXX`` escapes."""
     try:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
+        pass
+    try:
         raw = text.encode("utf-8", "surrogateescape")
-        return raw.decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate outside U+DC80..U+DCFF: not an escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")

@@ -1,4 +1,4 @@
-"""Command-line interface: ``vlmood score``, ``eval``, ``demo``, ``mine-negatives``, ``embed-texts``."""
+"""Command-line interface: ``vlmood score``, ``eval``, ``train``, ``demo``, ``mine-negatives``, ``embed-texts``."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._io import printable, read_text
-from .errors import EncoderLoadError, ImageLoadError, VlmoodError, WorkerKilledError
+from .errors import EncoderLoadError, ImageLoadError, InvalidInputError, VlmoodError, WorkerKilledError
 
 
 class _StoreOnce(argparse.Action):
@@ -61,7 +61,6 @@ def _finite(text: str) -> float:
 
 def _method(name: str) -> str:
     from .detectors import canonical_method
-    from .errors import InvalidInputError
 
     try:
         return canonical_method(name)
@@ -78,14 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score images: predicted class, ID score (higher = more in-distribution), is_ood",
                        description="Score images; writes one CSV row per image: path, class, score, is_ood, error.")
     _add_model_args(s)
-    s.add_argument("--classes", required=True, metavar="FILE_OR_LIST",
-                   help="ID class names: a file (one per line), a bundled list (imagenet1k, cifar10, cifar100) or 'cat,dog'")
+    s.add_argument("--classes", metavar="FILE_OR_LIST",
+                   help="ID class names: a file (one per line), a bundled list (imagenet1k, cifar10, cifar100) or "
+                        "'cat,dog'; optional with --prompts (default: the prompts' classes, which it must equal)")
     s.add_argument("--images", required=True, metavar="DIR|GLOB|CSV", help="folder (recursive), glob, or CSV manifest")
     s.add_argument("--method", default="mcm", type=_method, metavar="|".join(DETECTORS),
                    help="scoring rule (default: mcm; case, '-' and '_' are ignored)")
     s.add_argument("--templates", default=None, metavar="NAME_OR_FILE",
                    help="prompt templates: simple, imagenet7, imagenet80, or a file with one per line "
                         "(default: the method's own; simple for MCM-style methods)")
+    s.add_argument("--prompts", metavar="FILE",
+                   help="learned prompts from `vlmood train` (.safetensors): the ID class embeddings come from them "
+                        "instead of --templates (NegLabel/CSP: the ID side only)")
     s.add_argument("--threshold", type=_finite, default=None,
                    help="scores below this (and NaN scores) are flagged is_ood=1 (omit: no is_ood column values)")
     s.add_argument("--out", required=True, metavar="CSV", help="output CSV path")
@@ -107,13 +110,60 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--ood", action="append", default=[], metavar="[GROUP/]NAME=SOURCE",
                    help="an OOD set, repeatable; GROUP (e.g. near/far) defaults to 'ood'")
     v.add_argument("--methods", default="mcm", help=f"comma-separated methods from {', '.join(sorted(DETECTORS))}")
-    v.add_argument("--templates", default=None, metavar="NAME_OR_FILE", help="prompt templates (default: each method's own)")
+    v.add_argument("--templates", default=None, metavar="NAME_OR_FILE",
+                   help="prompt templates of the zero-shot methods (default: each method's own)")
+    v.add_argument("--prompts", metavar="FILE",
+                   help="learned prompts from `vlmood train`: every method in --methods is also scored with them, "
+                        "in the same image pass, as METHOD+LEARNER (e.g. glmcm+locoop) beside the zero-shot METHOD; "
+                        "--classes may then be omitted (the prompts' classes are used; given, they must be equal)")
+    v.add_argument("--no-zero-shot", action="store_true",
+                   help="with --prompts: score only the learned variants, not the zero-shot methods")
     v.add_argument("--report", required=True, metavar="DIR", help="output folder")
     v.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="unreadable images: stop (raise) or list them in the report (skip)")
     v.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     v.add_argument("--workers", type=int, default=None, help="decoding workers (default min(4, cpus-1))")
     v.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+
+    t = sub.add_parser(
+        "train", help="few-shot prompt learning (CoOp, LoCoOp): learn prompts for the ID classes",
+        description="Learn the prompt context of a frozen CLIP from SHOTS labelled images per ID class and write it "
+                    "to --out, for `vlmood score/eval --prompts`. coop: CoOp (Zhou et al., IJCV 2022), cross-entropy "
+                    "on the global image feature; locoop: LoCoOp (Miyai et al., NeurIPS 2023), plus --lam times the "
+                    "entropy-maximisation term on ID-irrelevant patches (needs local features: an open_clip ViT or "
+                    "ModifiedResNet). Each augmented view is encoded once (--views per image) and reused across "
+                    "epochs. The run folder (--run-dir) holds checkpoint.pt (after every epoch), log.jsonl and "
+                    "sample.json; --resume continues an interrupted run with the same arguments.")
+    t.add_argument("method", choices=("coop", "locoop"), help="coop or locoop")
+    _add_model_args(t)
+    t.add_argument("--train", required=True, metavar="SOURCE",
+                   help="labelled training images: an ImageFolder folder (a subfolder per class), a manifest with a "
+                        "label column, or hf:NAME[:split]")
+    t.add_argument("--classes", required=True, metavar="FILE_OR_LIST",
+                   help="ID class names, in the order the prompts keep (file, bundled list, or 'cat,dog')")
+    t.add_argument("--shots", type=int, default=16, help="training images per class, sampled with --seed (default 16)")
+    t.add_argument("--epochs", type=int, default=50, help="epochs (default 50, as the reference)")
+    t.add_argument("--out", required=True, metavar="FILE", help="learned prompts file to write (.safetensors)")
+    t.add_argument("--n-ctx", type=int, default=None,
+                   help="context tokens (default 16; with --init, the phrase's token count)")
+    t.add_argument("--init", default=None, metavar="PHRASE",
+                   help="initialise the context from a phrase such as 'a photo of a' (default: random N(0, 0.02))")
+    t.add_argument("--csc", action="store_true", help="class-specific context (one context per class)")
+    t.add_argument("--lam", type=_finite, default=None, help="locoop: weight of the entropy term (default 0.25)")
+    t.add_argument("--top-k", type=int, default=None,
+                   help="locoop: a patch is ID-irrelevant when its label is not among its top K classes "
+                        "(default: 200 per 1000 classes, at least 1)")
+    t.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    t.add_argument("--lr", type=_finite, default=0.002,
+                   help="SGD learning rate (default 0.002; cosine schedule after 1 warmup epoch at 1e-5)")
+    t.add_argument("--views", type=int, default=8, help="augmented views encoded per training image (default 8)")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seeds the few-shot sample, the context, the augmentations and the order (default 0)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="run folder: checkpoint, log.jsonl, sample.json (default: --out with the suffix .run)")
+    t.add_argument("--on-missing", choices=("error", "use-all"), default="error",
+                   help="a class with fewer than --shots images: stop (error, default) or train on all it has")
 
     dm = sub.add_parser("demo", help="zero-shot OOD detection in the toy world with every detector (offline)",
                         description="Runs MCM, GL-MCM, Energy, MaxLogit, NegLabel and CSP with the shipped toy-world "
@@ -197,15 +247,17 @@ def _check_output_dir(path: str, flag: str) -> Path:
     return out
 
 
-def _check_not_inside(report: str, sources: Sequence[Any]) -> None:
-    """A report folder inside an image folder would have its plots read as images by the next run."""
+def _check_not_inside(report: str, sources: Sequence[Any], flag: str = "--report",
+                      why: str = "its plots would be read as images by the next run") -> None:
+    """An output folder (``--report``, ``--run-dir``) inside an image folder would be read back as images (or as a
+    class subfolder) by the next run."""
     rep = Path(os.path.realpath(report))
     for src in sources:
         if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
             folder = Path(os.path.realpath(src))
             if rep == folder or folder in rep.parents:
-                raise _UsageError(f"--report {printable(report)} is inside the image folder {printable(str(src))}; "
-                                  "its plots would be read as images by the next run: choose another folder")
+                raise _UsageError(f"{flag} {printable(str(report))} is inside the image folder "
+                                  f"{printable(str(src))}; {why}: choose another folder")
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -226,16 +278,23 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     # cheap checks first: arguments, then paths, then the model (a typo should not wait for a model to load)
     _check_counts(args)
-    _require_nonempty(args, "--images", "--classes", "--templates")
+    _require_nonempty(args, "--images", "--classes", "--templates", "--prompts")
     spec = parse_spec(args.model)
-    classes = load_classes(args.classes)
+    if args.prompts is not None and args.templates is not None:
+        raise _UsageError("--templates and --prompts exclude each other: learned prompts replace the templates")
+    learned = _load_prompts(args)
+    classes = load_classes(args.classes) if args.classes is not None else None
+    if learned is not None:
+        classes = learned.check_classes(classes)
+    elif classes is None:
+        raise _UsageError("give --classes FILE_OR_LIST (or --prompts FILE, whose classes are used)")
     templates = load_templates(args.templates) if args.templates is not None else None  # None: the method's own
     out = _check_output_file(args.out, "--out")
     if Path(args.images).is_file() and os.path.realpath(args.images) == os.path.realpath(out):
         raise _UsageError(f"--out {printable(args.out)} is the --images manifest itself; it would be overwritten")
     items = list_images(args.images)
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
-    det = make_detector(args.method, encoder, classes, templates=templates)
+    det = make_detector(args.method, encoder, classes, templates=templates, prompts=learned)
     if det.needs_local:
         encoder.require_local()
     det.fit()
@@ -265,8 +324,24 @@ def _cmd_score(args: argparse.Namespace) -> int:
         w.writerow([printable(item.path), det.classes[labels[k]], f"{scores[k]:.8g}", is_ood, ""])
     atomic_write_bytes(out, buf.getvalue().encode("utf-8"))
     n_ood = "" if flagged is None else f", {int(np.sum(flagged))} flagged OOD"
-    print(f"scored {len(feats)} image(s) with {args.method}{n_ood}; skipped {len(errors)}; wrote {printable(str(out))}")
+    label = args.method if learned is None else _learned_label(args.method, learned)
+    print(f"scored {len(feats)} image(s) with {label}{n_ood}; skipped {len(errors)}; wrote {printable(str(out))}")
     return 0
+
+
+def _load_prompts(args: argparse.Namespace) -> Any:
+    """The ``--prompts`` file, read and checked before the model loads (its fit to the model is checked once the
+    model is loaded: another width is an error, another model a one-line warning); None without ``--prompts``."""
+    if args.prompts is None:
+        return None
+    from .tuning import LearnedPrompts
+
+    return LearnedPrompts.load(args.prompts)
+
+
+def _learned_label(method: str, prompts: Any) -> str:
+    """Report label of ``method`` with learned prompts: ``METHOD+LEARNER`` (``glmcm+locoop``)."""
+    return f"{method}+{prompts.meta.get('method') or 'prompts'}"
 
 
 def _parse_methods(text: str) -> list[str]:
@@ -317,8 +392,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _check_counts(args)
     methods = _parse_methods(args.methods)
-    _require_nonempty(args, "--suite", "--root", "--classes", "--id", "--templates")
+    _require_nonempty(args, "--suite", "--root", "--classes", "--id", "--templates", "--prompts")
     spec = parse_spec(args.model)
+    if args.no_zero_shot and args.prompts is None:
+        raise _UsageError("--no-zero-shot drops the zero-shot methods in favour of --prompts FILE; give --prompts")
+    if args.no_zero_shot and args.templates is not None:
+        raise _UsageError("--templates sets the zero-shot methods' prompts, which --no-zero-shot drops; give one")
+    learned = _load_prompts(args)
     if args.templates is not None:
         load_templates(args.templates)
     if args.suite is not None:
@@ -334,21 +414,96 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         if args.root is not None:
             raise _UsageError("--root is only used with --suite")
-        missing = [f for f, v in (("--classes", args.classes), ("--id", args.id), ("--ood", args.ood)) if not v]
+        classes = args.classes if args.classes is not None or learned is None else learned.classes
+        missing = [f for f, v in (("--classes", classes), ("--id", args.id), ("--ood", args.ood)) if not v]
         if missing:
             raise _UsageError(f"give {', '.join(missing)} (or --suite with --root)")
         ood = _parse_ood(args.ood)
         _check_output_dir(args.report, "--report")
-        bench = Benchmark(id=args.id, ood=ood, classes=args.classes, templates=args.templates,
+        bench = Benchmark(id=args.id, ood=ood, classes=classes, templates=args.templates,
                           name=f"{spec}", on_error=args.on_error)
+    if learned is not None:
+        learned.check_classes(bench.classes)
     _check_not_inside(args.report, [bench.id, *(src for g in bench.ood.values() for src in g.values())])
     bench.open_sources()  # every folder, glob and manifest is scanned before the model loads
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
-    report = bench.run(encoder, methods, cache=not args.no_cache, batch_size=args.batch_size,
+    detectors: dict[str, Any] = {} if args.no_zero_shot else {m: m for m in methods}
+    if learned is not None:
+        detectors.update({_learned_label(m, learned): {"method": m, "prompts": learned} for m in methods})
+    report = bench.run(encoder, detectors, cache=not args.no_cache, batch_size=args.batch_size,
                        num_workers=args.workers)
     paths = report.save(args.report)
     print(report.to_markdown())
     print(f"wrote {', '.join(printable(str(p)) for p in paths.values())}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import as_source, map_labels
+    from .encoders import load_encoder, parse_spec
+    from .text import load_classes
+    from .tuning import CoOp, LoCoOp
+    from .tuning.trainer import CHECKPOINT, LOG
+
+    # cheap checks first: arguments, then paths and the training set's labels, then the model
+    for flag, value, least in (("--shots", args.shots, 1), ("--epochs", args.epochs, 1), ("--n-ctx", args.n_ctx, 1),
+                               ("--top-k", args.top_k, 1), ("--batch-size", args.batch_size, 1),
+                               ("--views", args.views, 1), ("--seed", args.seed, 0)):
+        if value is not None and value < least:
+            raise _UsageError(f"{flag} must be >= {least}, got {value}")
+    if args.lr <= 0:
+        raise _UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.lam is not None and args.lam < 0:
+        raise _UsageError(f"--lam must be >= 0, got {args.lam}")
+    locoop_only = [f for f, v in (("--lam", args.lam), ("--top-k", args.top_k)) if v is not None]
+    if args.method == "coop" and locoop_only:
+        raise _UsageError(f"{' and '.join(locoop_only)} set LoCoOp's entropy term; CoOp has none: drop "
+                          f"{'them' if len(locoop_only) > 1 else 'it'} or train locoop")
+    _require_nonempty(args, "--train", "--classes", "--init", "--run-dir")
+    spec = parse_spec(args.model)
+    if spec.backend != "open_clip":
+        raise _UsageError(f"prompt learning needs an open_clip model with a causal text tower; {spec} is a "
+                          "Hugging Face transformers model")
+    classes = load_classes(args.classes)
+    out = _check_output_file(args.out, "--out")
+    run = _check_output_dir(args.run_dir if args.run_dir is not None else str(out.with_suffix(".run")), "--run-dir")
+    if os.path.abspath(run) == os.path.abspath(out):
+        raise _UsageError(f"--run-dir {printable(str(run))} is --out itself; give another --run-dir")
+    run_flag = "--run-dir" if args.run_dir is not None else "the run folder (beside --out)"
+    _check_not_inside(str(run), [args.train], run_flag,
+                      "its files would be mixed into the training images (a new class folder) by the next run")
+    if (run / CHECKPOINT).is_file() and not args.resume:
+        raise _UsageError(f"--run-dir {printable(str(run))} already holds a run ({CHECKPOINT}); pass --resume to "
+                          "continue it, or choose another --run-dir (or --out)")
+    src = as_source(args.train)
+    name = f"--train {printable(str(args.train))}"
+    if not src.labels:
+        raise _UsageError(f"{name} has no labels: prompt learning needs a class per image (ImageFolder subfolders "
+                          "or a manifest label column)")
+    counts = np.bincount(map_labels(src.labels, classes, source=name), minlength=len(classes))
+    short = [f"{c!r} ({int(n)})" for c, n in zip(classes, counts) if n < args.shots]
+    if short and args.on_missing == "error":
+        more = f" and {len(short) - 8} more" if len(short) > 8 else ""
+        raise _UsageError(f"{name} has fewer than {args.shots} images for {len(short)} of {len(classes)} classes: "
+                          f"{', '.join(short[:8])}{more}; pass --on-missing use-all to train on the images there are, "
+                          "or lower --shots")
+    encoder = load_encoder(spec, device=args.device, precision=args.precision)
+    hyper: dict[str, Any] = {"n_ctx": args.n_ctx, "init": args.init, "csc": args.csc, "seed": args.seed}
+    if args.method == "locoop":
+        hyper.update({k: v for k, v in (("lam", args.lam), ("top_k", args.top_k)) if v is not None})
+    trainer = (LoCoOp if args.method == "locoop" else CoOp)(encoder, classes, **hyper)
+    prompts = trainer.fit(src, shots=args.shots, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          views=args.views, out=run, resume=args.resume, on_missing=args.on_missing.replace("-", "_"))
+    prompts.save(out)
+    log = prompts.meta.get("log", {})
+    loss, acc = log.get("final_loss"), log.get("final_acc")
+    print(f"trained {args.method} on {prompts.meta['images']['count']} image(s) ({len(classes)} classes, up to "
+          f"{args.shots} shots), {args.epochs} epochs: final loss "
+          f"{'n/a' if loss is None else f'{loss:.4f}'}, train accuracy {'n/a' if acc is None else f'{acc:.3f}'}")
+    print(f"wrote {printable(str(out))}; log {printable(str(run / LOG))}; checkpoint "
+          f"{printable(str(run / CHECKPOINT))}")
     return 0
 
 
@@ -479,25 +634,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad argument (2, already printed as one line): a status, not an exit
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
-    commands = {"score": _cmd_score, "eval": _cmd_eval, "demo": _cmd_demo, "mine-negatives": _cmd_mine_negatives,
-                "embed-texts": _cmd_embed_texts}
+    commands = {"score": _cmd_score, "eval": _cmd_eval, "train": _cmd_train, "demo": _cmd_demo,
+                "mine-negatives": _cmd_mine_negatives, "embed-texts": _cmd_embed_texts}
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
             return commands[args.command](args)
         except KeyboardInterrupt:
-            print(f"vlmood {args.command}: interrupted (the feature cache keeps what was encoded: run the same "
-                  "command again to resume)", file=sys.stderr)
+            how = ("the run folder keeps the checkpoint of the last completed epoch: run the same command with "
+                   "--resume to continue" if args.command == "train" else
+                   "the feature cache keeps what was encoded: run the same command again to resume")
+            print(f"vlmood {args.command}: interrupted ({how})", file=sys.stderr)
             return 130
         except ImageLoadError as e:
-            print(f"vlmood {args.command}: error: {printable(str(e))} (use --on-error skip to go on)", file=sys.stderr)
+            hint = " (use --on-error skip to go on)" if hasattr(args, "on_error") else ""  # only where it exists
+            print(f"vlmood {args.command}: error: {printable(str(e))}{hint}", file=sys.stderr)
             return 1
         except (EncoderLoadError, WorkerKilledError) as e:  # the environment failed, not the arguments
             print(f"vlmood {args.command}: error: {printable(str(e))}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(e, InvalidInputError) else 1  # an unknown architecture or tag is a usage error
         except (_UsageError, VlmoodError) as e:
             print(f"vlmood {args.command}: error: {printable(str(e))}", file=sys.stderr)
-            return 2
+            return 1 if isinstance(e, OSError) else 2  # no room for the view features: the environment, not usage
         except OSError as e:  # the environment failed (disk full, permission denied, ...): one line, no traceback
             print(f"vlmood {args.command}: error: {_os_error(e)}", file=sys.stderr)
             return 1

@@ -14,6 +14,10 @@ class EncoderLoadError(VlmoodError, RuntimeError):
     """An encoder could not be built or its weights could not be obtained."""
 
 
+class UnknownModelError(EncoderLoadError, InvalidInputError):
+    """The spec names an architecture or pretrained tag that does not exist (a usage error, not the environment)."""
+
+
 class CheckpointMismatchError(EncoderLoadError):
     """A checkpoint's tensors do not fit the requested architecture."""
 

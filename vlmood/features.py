@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -17,6 +15,8 @@ from tqdm.auto import tqdm
 
 from ._io import printable
 from .data import ImageSource, as_source
+from . import _signals
+from ._signals import _signals_unwind, _Signalled
 from .errors import ImageLoadError, InvalidInputError, WorkerKilledError
 from .text.cache import EmbeddingCache
 from .text.embed import CacheArg
@@ -32,46 +32,6 @@ _FLUSH_IMAGES = 2048
 _FLUSH_SECONDS = 60.0
 _FLUSH_BYTES = 128 << 20
 _MAX_NAMED = 5  # images named in an error message, then a count
-
-
-class _Signalled(BaseException):
-    """SIGTERM (or a SIGINT without Python's handler) during extraction: unwinds so that the features computed
-    so far are flushed; :func:`extract_features` then ends the process as the signal's default action would."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _signals_unwind() -> Iterator[None]:
-    """While extracting, turn SIGTERM (and SIGINT when it has no handler) into :class:`_Signalled`.
-
-    Only in the main thread, and only for signals whose disposition is the default action: a handler installed
-    by the application is left alone (if it raises, the flush runs anyway). The previous disposition is
-    restored on exit.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    def unwind(signum: int, frame: Any) -> None:
-        raise _Signalled(signum)
-
-    installed = [sig for sig in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(sig) is signal.SIG_DFL]
-    for sig in installed:
-        signal.signal(sig, unwind)
-    try:
-        yield
-    finally:
-        for sig in installed:
-            signal.signal(sig, signal.SIG_DFL)
-
-
-def _die_of(signum: int) -> None:
-    """End the process as the default action of ``signum`` would (its handler is the default again)."""
-    os.kill(os.getpid(), signum)
-    time.sleep(1.0)  # the signal is normally delivered before kill() returns
-    raise SystemExit(128 + signum)
 
 
 @dataclass
@@ -177,9 +137,10 @@ def extract_features(
         local: also compute per-patch features ``[N, P, D]`` (GL-MCM).
         cache: feature cache (``True``: ``$VLMOOD_CACHE/features``). Keys: encoder fingerprint, precision,
             preprocessing, and image identity (sha256 of the file's bytes, of an in-memory image's pixels, or
-            of a dataset image's encoded bytes). Shards are written during the run (at least every 2,048 images or 60 seconds) and when it stops on an exception,
-            Ctrl-C or SIGTERM, so an interrupted run resumes where it stopped; a killed one (SIGKILL) loses at
-            most the last interval. A read-only or full cache folder gives one warning and no caching.
+            of a dataset image's encoded bytes or of the file its path column names). Shards are written during
+            the run (at least every 2,048 images or 60 seconds) and when it stops on an exception, Ctrl-C or
+            SIGTERM, so an interrupted run resumes where it stopped; a killed one (SIGKILL) loses at most the
+            last interval. A read-only or full cache folder gives one warning and no caching.
         batch_size: images per forward pass (default ``encoder.image_batch_size``).
         num_workers: DataLoader decoding workers (default ``min(4, cpus - 1)``).
         on_error: ``"raise"`` stops at the first unreadable image (or image whose features are NaN/Inf, which
@@ -216,7 +177,7 @@ def extract_features(
                 _encode_missing(encoder, src, missing, keys, vecs, errors, store, ns, local, batch_size,
                                 num_workers, on_error, progress)
         except _Signalled as s:
-            _die_of(s.signum)
+            _signals._die_of(s.signum)
 
     order = [i for i in range(n) if i in vecs]
     if not order:
@@ -278,10 +239,11 @@ def _encode_missing(encoder: "Encoder", src: ImageSource, missing: list[int], ke
         last_flush = time.monotonic()
 
     disable = (not progress) if progress is not None else None
+    it = iter(loader)  # held, so that its workers are shut down before the flush (see finally)
     try:
         with tqdm(total=len(missing), desc=f"encoding {src.name}", unit="img", disable=disable, leave=False,
                   file=sys.stderr) as bar:
-            for idx, batch, bad in loader:
+            for idx, batch, bad in it:
                 received += 1
                 for i, msg in bad:
                     if on_error == "raise":
@@ -313,6 +275,8 @@ def _encode_missing(encoder: "Encoder", src: ImageSource, missing: list[int], ke
                             errors[idx[k]] = msg
                 bar.update(len(idx) + len(bad))
     except RuntimeError as e:
+        if isinstance(e.__context__, _Signalled):  # workers killed by the same SIGTERM (sent to the group)
+            raise e.__context__ from None
         if workers == 0 or not str(e).startswith("DataLoader worker"):
             raise
         prefetch = loader.prefetch_factor or 2
@@ -326,4 +290,13 @@ def _encode_missing(encoder: "Encoder", src: ImageSource, missing: list[int], ke
             "batch size)"
         ) from e
     finally:
+        # Shut the workers down here: left to the iterator's __del__, workers killed by a signal sent to the whole
+        # process group (SIGTERM, Ctrl-C) make it print "Exception ignored in ... DataLoader worker (pid N) is
+        # killed by signal" and a traceback. Shutting down stops those reports (a RuntimeError raised meanwhile
+        # is that same report).
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            with contextlib.suppress(Exception):
+                shutdown()
+        del it
         flush()  # keep what was computed, whatever stopped the loop

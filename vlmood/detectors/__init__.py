@@ -28,8 +28,12 @@ def canonical_method(name: str) -> str:
     return key
 
 
-def make_detector(name: str, encoder: Encoder, classes: str | Sequence[str], **kwargs: Any) -> Detector:
-    """A detector by method name (``mcm``, ``glmcm``, ``energy``, ``maxlogit``, ``neglabel``, ``csp``)."""
+def make_detector(name: str, encoder: Encoder, classes: str | Sequence[str] | None, **kwargs: Any) -> Detector:
+    """A detector by method name (``mcm``, ``glmcm``, ``energy``, ``maxlogit``, ``neglabel``, ``csp``).
+
+    ``kwargs`` go to the detector, e.g. ``templates=`` or ``prompts=`` (learned prompts or their file; ``classes``
+    may then be None).
+    """
     return DETECTORS[canonical_method(name)](encoder, classes, **kwargs)
 
 

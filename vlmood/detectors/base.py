@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,6 +21,12 @@ from ..errors import InvalidInputError
 from ..metrics import threshold_at_tpr
 from ..text.embed import CacheArg, class_embeddings
 from ..text.prompts import load_classes, load_templates
+
+if TYPE_CHECKING:
+    from ..tuning.prompts import LearnedPrompts
+
+PromptsArg = Union["LearnedPrompts", str, os.PathLike, None]
+"""Learned prompts for a detector: a :class:`~vlmood.tuning.LearnedPrompts`, the path of a file it saved, or None."""
 
 DUPLICATE_COSINE = 0.9999
 """Class embeddings with a cosine above this are (near) identical: the model cannot tell those classes apart."""
@@ -55,6 +63,32 @@ def _numeric_array(x: Any) -> np.ndarray | None:
             except (TypeError, ValueError):
                 return None
     return None
+
+
+def resolve_prompts(prompts: PromptsArg, encoder: Encoder) -> tuple["LearnedPrompts | None", Path | None]:
+    """``(learned prompts, the file they were read from)`` for a detector's ``prompts=`` argument.
+
+    A path is read with :meth:`LearnedPrompts.load <vlmood.tuning.LearnedPrompts.load>`; the prompts are then
+    checked against ``encoder`` (another context width or an encoder without a causal text tower: one-line
+    :class:`InvalidInputError`; another encoder of the same width: a warning). ``vlmood.tuning`` is imported here,
+    not at module level, so importing the detectors stays light.
+    """
+    if prompts is None:
+        return None, None
+    from ..tuning.prompts import LearnedPrompts
+
+    file = None
+    if isinstance(prompts, (str, os.PathLike)):
+        text = os.fsdecode(prompts)
+        if not text.strip():
+            raise InvalidInputError("prompts is an empty path; give a learned-prompts file (.safetensors)")
+        file = Path(os.path.abspath(os.path.expanduser(text)))
+        prompts = LearnedPrompts.load(file)
+    elif not isinstance(prompts, LearnedPrompts):
+        raise InvalidInputError(f"prompts must be LearnedPrompts or the path of a learned-prompts file, got "
+                                f"{type(prompts).__name__}")
+    prompts.check_encoder(encoder)
+    return prompts, file
 
 
 def check_threshold(threshold: Any) -> float:
@@ -100,10 +134,18 @@ class Detector:
 
     Args:
         encoder: the image/text encoder.
-        classes: ID class names (list, bundled list name, file, or comma-separated string).
+        classes: ID class names (list, bundled list name, file, or comma-separated string). With ``prompts``:
+            None (the prompts' classes) or exactly the prompts' classes in the same order.
         templates: prompt templates (bundled name, file, list); default the bundled ``simple`` list
-            (MCM's ``a photo of a {}``, see :func:`vlmood.text.load_templates`).
+            (MCM's ``a photo of a {}``, see :func:`vlmood.text.load_templates`). Not together with ``prompts``.
         cache: text-embedding cache (``True``: the default disk cache).
+        prompts: learned prompts (:class:`vlmood.tuning.LearnedPrompts`, or the path of a file saved by
+            ``LearnedPrompts.save`` / ``vlmood train``): the ID class embeddings are then
+            ``prompts.text_features(encoder)`` instead of the template ensemble. A file made with another encoder
+            warns; one whose context does not fit the encoder is refused.
+
+    Attributes: ``prompts`` (the :class:`~vlmood.tuning.LearnedPrompts` or None) and ``prompts_file`` (the absolute
+    path they were read from, or None).
 
     ``fit()`` prepares the class text embeddings (zero-shot detectors learn nothing from images);
     ``score*`` return ``[N]`` arrays, higher = more in-distribution. Images may be given as anything
@@ -114,27 +156,55 @@ class Detector:
     name = "detector"
     needs_local = False
 
-    def __init__(self, encoder: Encoder, classes: str | Sequence[str], templates: str | Sequence[str] | None = None,
-                 *, cache: CacheArg = True):
+    def __init__(self, encoder: Encoder, classes: str | Sequence[str] | None = None,
+                 templates: str | Sequence[str] | None = None, *, cache: CacheArg = True, prompts: PromptsArg = None):
         self.encoder = encoder
-        self.classes = load_classes(classes)
-        self.templates = load_templates(templates)
+        if prompts is not None and templates is not None:
+            raise InvalidInputError("give templates or prompts, not both: learned prompts replace the templates "
+                                    "of the ID classes")
+        self.prompts, self.prompts_file = resolve_prompts(prompts, encoder)
+        if self.prompts is not None:
+            self.classes = self.prompts.check_classes(None if classes is None else load_classes(classes))
+            self.templates: list[str] = []  # the learned context replaces them
+        else:
+            if classes is None:
+                raise InvalidInputError(f"{type(self).__name__} needs the ID classes (classes=...), or learned "
+                                        "prompts (prompts=...) that carry them")
+            self.classes = load_classes(classes)
+            self.templates = load_templates(templates)
         self.cache = cache
         self.threshold_: float | None = None
         self._text: torch.Tensor | None = None
 
+    def _text_side(self) -> str:
+        if self.prompts is None:
+            return f"{len(self.templates)} templates"
+        p, method = self.prompts, self.prompts.meta.get("method")
+        what = f"learned {method} prompts" if method else "learned prompts"
+        where = f" from {self.prompts_file.name}" if self.prompts_file is not None else ""
+        return f"{what}{where} ({p.n_ctx} {'class-specific' if p.csc else 'shared'} context tokens)"
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({len(self.classes)} classes, {len(self.templates)} templates, {self.encoder.spec})"
+        return f"{type(self).__name__}({len(self.classes)} classes, {self._text_side()}, {self.encoder.spec})"
+
+    def _class_text(self) -> torch.Tensor:
+        """``[C, D]`` L2-normalised ID class embeddings: learned prompts' or the template ensemble's."""
+        if self.prompts is None:
+            return class_embeddings(self.encoder, self.classes, self.templates, cache=self.cache)
+        with warnings.catch_warnings():  # the other-encoder warning was given once, when the detector was built
+            warnings.filterwarnings("ignore", message="learned prompts were trained with")
+            return self.prompts.text_features(self.encoder).float()
 
     # ------------------------------------------------------------------ text side
     def fit(self, *_: Any) -> "Detector":
-        """Compute (or read from the cache) the ID class embeddings. Returns ``self``.
+        """Compute (or read from the cache) the ID class embeddings, or those of the learned prompts. Returns
+        ``self``.
 
         Warns when two classes get (near) identical embeddings (cosine > :data:`DUPLICATE_COSINE`): the model
         cannot tell them apart, typically because their names are unknown to its tokenizer.
         """
         if self._text is None:
-            self._text = class_embeddings(self.encoder, self.classes, self.templates, cache=self.cache)
+            self._text = self._class_text()
             self._warn_identical_classes(self._text)
             self._warn_unknown_words()
         return self

@@ -25,8 +25,8 @@ class GLMCM(Detector):
     name = "glmcm"
     needs_local = True
 
-    def __init__(self, encoder: Encoder, classes: str | Sequence[str], templates: str | Sequence[str] | None = None,
-                 temperature: float = 1.0, lam: float = 1.0, **kw: Any):
+    def __init__(self, encoder: Encoder, classes: str | Sequence[str] | None = None,
+                 templates: str | Sequence[str] | None = None, temperature: float = 1.0, lam: float = 1.0, **kw: Any):
         super().__init__(encoder, classes, templates, **kw)
         _need_two_classes(self)
         self.temperature = scores.check_positive(temperature, "temperature")

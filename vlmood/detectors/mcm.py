@@ -38,8 +38,8 @@ class MCM(Detector):
 
     name = "mcm"
 
-    def __init__(self, encoder: Encoder, classes: str | Sequence[str], templates: str | Sequence[str] | None = None,
-                 temperature: float = 1.0, **kw: Any):
+    def __init__(self, encoder: Encoder, classes: str | Sequence[str] | None = None,
+                 templates: str | Sequence[str] | None = None, temperature: float = 1.0, **kw: Any):
         super().__init__(encoder, classes, templates, **kw)
         _need_two_classes(self)
         self.temperature = scores.check_positive(temperature, "temperature")
@@ -61,8 +61,8 @@ class MaxLogit(Detector):
 
     name = "maxlogit"
 
-    def __init__(self, encoder: Encoder, classes: str | Sequence[str], templates: str | Sequence[str] | None = None,
-                 logit_scale: float | None = None, **kw: Any):
+    def __init__(self, encoder: Encoder, classes: str | Sequence[str] | None = None,
+                 templates: str | Sequence[str] | None = None, logit_scale: float | None = None, **kw: Any):
         super().__init__(encoder, classes, templates, **kw)
         self.logit_scale = None if logit_scale is None else scores.check_positive(logit_scale, "logit_scale")
 
@@ -83,8 +83,9 @@ class Energy(Detector):
 
     name = "energy"
 
-    def __init__(self, encoder: Encoder, classes: str | Sequence[str], templates: str | Sequence[str] | None = None,
-                 logit_scale: float | None = None, temperature: float = 1.0, **kw: Any):
+    def __init__(self, encoder: Encoder, classes: str | Sequence[str] | None = None,
+                 templates: str | Sequence[str] | None = None, logit_scale: float | None = None,
+                 temperature: float = 1.0, **kw: Any):
         super().__init__(encoder, classes, templates, **kw)
         self.logit_scale = None if logit_scale is None else scores.check_positive(logit_scale, "logit_scale")
         self.temperature = scores.check_positive(temperature, "temperature")

@@ -1,6 +1,7 @@
 """NegLabel and CSP: ID softmax mass against thousands of mined negative labels."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -29,13 +30,15 @@ _DEFAULTS = {
     "csp": {"templates": "csp_noun", "neg_templates": {"noun": "csp_noun", "adj": "csp_adj"}, "push_above": 0.95},
 }
 # Saved detector files (NegLabel.save): {"format": FORMAT, "version": VERSION, "method", "pool", "encoder",
-# "classes", "templates", "neg_templates", "lexicon", "params": {PARAMS}, "negatives": [{"label", "pos"}]}.
-# Files from before the format had a name and a version (no "format" field) still load, with the same checks.
+# "classes", "templates", "neg_templates", "lexicon", "params": {PARAMS}, "negatives": [{"label", "pos"}]}, and for a
+# detector with learned prompts "prompts": {"file": absolute path or null, "sha256": prompts_digest(...)} with
+# "templates": [] (the context itself stays in its own file). Files from before the format had a name and a version
+# (no "format" field) still load, with the same checks.
 FORMAT, VERSION = "vlmood.neglabel", 1
 PARAMS = ("percentile", "ratio", "temperature", "ngroups", "seed")
 _FIELDS = {"format", "version", "method", "pool", "encoder", "classes", "templates", "neg_templates", "lexicon",
-           "params", "negatives"}
-_OPTIONAL = {"format", "version", "encoder", "lexicon"}
+           "params", "negatives", "prompts"}
+_OPTIONAL = {"format", "version", "encoder", "lexicon", "prompts"}
 
 
 def _param_problem(name: str, value: Any) -> str | None:
@@ -51,6 +54,14 @@ def _param_problem(name: str, value: Any) -> str | None:
     }
     ok, want = rules[name]
     return None if ok else f"{name} must {want}, got {value!r}"
+
+
+def prompts_digest(prompts: Any) -> str:
+    """SHA-256 of learned prompts' class names and context (float32): what a saved NegLabel detector records, so
+    that loading it with other prompts than those its negatives were mined against is refused."""
+    h = hashlib.sha256(json.dumps([prompts.classes, list(prompts.ctx.shape)]).encode("utf-8"))
+    h.update(prompts.ctx.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _lexicon_spec(lexicon: Any) -> str | list[str]:
@@ -81,12 +92,16 @@ class NegLabel(Detector):
         percentile, ratio: the mining rule (:func:`vlmood.negatives.mine`); temperature (> 0), ngroups, seed: the
             score (:func:`vlmood.scores.neglabel`). NaN is refused everywhere.
         pool: ``"neglabel"`` or ``"csp"`` (conjugated semantic pool, see :class:`CSP`).
+        prompts: learned prompts for the ID side (see :class:`~vlmood.detectors.base.Detector`); they replace
+            ``templates`` only: the negatives keep their ``neg_templates``, and mining compares them with the
+            learned ID embeddings.
     """
 
     name = "neglabel"
     pool_name = "neglabel"
 
-    def __init__(self, encoder: Encoder, classes: str | Sequence[str], templates: str | Sequence[str] | None = None,
+    def __init__(self, encoder: Encoder, classes: str | Sequence[str] | None = None,
+                 templates: str | Sequence[str] | None = None,
                  lexicon: str | Sequence[str] = "neglabel", neg_templates: dict[str, Any] | None = None,
                  percentile: float = 0.95, ratio: float = 0.15, temperature: float = 0.01, ngroups: int = 100,
                  seed: int | None = 0, pool: str | None = None, **kw: Any):
@@ -94,7 +109,8 @@ class NegLabel(Detector):
         if self.pool not in _DEFAULTS:
             raise InvalidInputError(f"unknown pool {self.pool!r}; choose 'neglabel' or 'csp'")
         d = _DEFAULTS[self.pool]
-        super().__init__(encoder, classes, templates if templates is not None else d["templates"], **kw)
+        learned = kw.get("prompts") is not None  # learned prompts replace the ID templates (never both)
+        super().__init__(encoder, classes, templates if templates is not None or learned else d["templates"], **kw)
         for name, value in zip(PARAMS, (percentile, ratio, temperature, ngroups, seed)):
             problem = _param_problem(name, value)
             if problem:
@@ -161,7 +177,12 @@ class NegLabel(Detector):
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the mined negatives and settings as JSON (format ``vlmood.neglabel``, version 1; see the
-        comment at :data:`FORMAT`); :meth:`load` restores the detector without mining."""
+        comment at :data:`FORMAT`); :meth:`load` restores the detector without mining.
+
+        With learned prompts, the file records where they were read from (``prompts=PATH``) and their SHA-256 (see
+        :func:`prompts_digest`), not the context itself: :meth:`load` reads them from that path (or from its
+        ``prompts=`` argument, e.g. after the file moved) and refuses prompts with another digest.
+        """
         self.fit()
         negatives = self.negatives_ or []
         neg_templates = {**self.neg_templates, **{p: self._templates_for(p) for _, p in negatives}}
@@ -173,6 +194,9 @@ class NegLabel(Detector):
                        "ngroups": self.ngroups, "seed": self.seed},
             "negatives": [{"label": w, "pos": p} for w, p in negatives],
         }
+        if self.prompts is not None:
+            data["prompts"] = {"file": None if self.prompts_file is None else str(self.prompts_file),
+                               "sha256": prompts_digest(self.prompts)}
         from ..text.cache import atomic_write_bytes
 
         atomic_write_bytes(Path(path), json.dumps(data, indent=1, allow_nan=False).encode())
@@ -187,6 +211,11 @@ class NegLabel(Detector):
         ``ratio`` 2, NaN), a negative whose part of speech has no templates, fewer negatives than ``ngroups`` or
         an empty class list gives one :class:`InvalidInputError` naming the file and the field. ``overrides``
         replace stored settings (``temperature=...``) and are checked the same way.
+
+        A detector saved with learned prompts reads them from the recorded file, or from ``prompts=`` (a path or
+        :class:`~vlmood.tuning.LearnedPrompts`), and refuses prompts other than those the negatives were mined
+        with. ``prompts=`` given for a file saved without learned prompts scores its stored negatives against the
+        learned ID embeddings (the file's ID templates are then dropped).
         """
         p = Path(path)
         name = printable(str(p))
@@ -197,23 +226,61 @@ class NegLabel(Detector):
             data = json.loads(text)
         except ValueError as e:
             raise InvalidInputError(f"{name} is not a saved NegLabel/CSP detector: invalid JSON ({e})") from None
-        target, classes, kw, negatives = _parse_saved(data, name)
+        target, classes, kw, negatives, saved_prompts = _parse_saved(data, name)
         if not issubclass(target, cls):
             raise InvalidInputError(f"{name} holds a saved {target.__name__} detector, not {cls.__name__}; "
                                     f"load it with vlmood.{target.__name__}.load")
         if data.get("encoder") != encoder.fingerprint:
             warnings.warn(f"{name} was mined with another encoder ({data.get('encoder')}); using its negatives "
                           f"with {encoder.fingerprint}", stacklevel=2)
+        if saved_prompts is not None or overrides.get("prompts") is not None:
+            kw.pop("templates", None)
+        file = None
+        if saved_prompts is not None:
+            kw["prompts"], file = _saved_prompts(saved_prompts, overrides.pop("prompts", None), name)
         kw.update(overrides)
         det = target(encoder, classes, **kw)
+        if file is not None:
+            det.prompts_file = file
         if len(negatives) < det.ngroups:
             raise InvalidInputError(f"{name} holds {len(negatives)} negatives, fewer than ngroups={det.ngroups}")
         det.negatives_ = negatives
         return det
 
 
-def _parse_saved(data: Any, name: str) -> tuple[type[NegLabel], list[str], dict[str, Any], list[tuple[str, str]]]:
-    """Validate a saved detector's JSON: (class, classes, keyword settings, negatives). See :meth:`NegLabel.load`."""
+def _saved_prompts(saved: dict[str, Any], given: Any, name: str) -> tuple[Any, Path | None]:
+    """The learned prompts a saved detector was mined with, and their file: ``given`` (``load(..., prompts=)``) or
+    the recorded file, checked against the recorded digest (the encoder is checked when the detector is built)."""
+    from ..tuning.prompts import LearnedPrompts
+
+    source = given if given is not None else saved["file"]
+    if source is None:
+        raise InvalidInputError(f"{name} was saved with learned prompts that were not read from a file; pass "
+                                "prompts=FILE (or the LearnedPrompts) to NegLabel.load")
+    file = None
+    if isinstance(source, (str, os.PathLike)):
+        file = Path(os.path.abspath(os.path.expanduser(os.fsdecode(source))))
+        try:
+            prompts = LearnedPrompts.load(file)
+        except InvalidInputError as e:
+            raise InvalidInputError(f"{name} was mined with learned prompts: {e}") from None
+    elif isinstance(source, LearnedPrompts):
+        prompts = source
+    else:
+        raise InvalidInputError(f"prompts must be LearnedPrompts or the path of a learned-prompts file, got "
+                                f"{type(source).__name__}")
+    if prompts_digest(prompts) != saved["sha256"]:
+        what = "the given prompts" if given is not None else f"the prompts file {printable(str(file))}"
+        raise InvalidInputError(f"{name}: {what} differ from the learned prompts its negatives were mined with "
+                                "(SHA-256 mismatch); mine again with these prompts, or pass prompts= with the "
+                                "original ones")
+    return prompts, file
+
+
+def _parse_saved(data: Any, name: str) -> tuple[type[NegLabel], list[str], dict[str, Any], list[tuple[str, str]],
+                                                dict[str, Any] | None]:
+    """Validate a saved detector's JSON: (class, classes, keyword settings, negatives, recorded learned prompts or
+    None). See :meth:`NegLabel.load`."""
     def bad(field: str, problem: str) -> InvalidInputError:
         return InvalidInputError(f"{name}: invalid field {field!r}: {problem}")
 
@@ -252,8 +319,16 @@ def _parse_saved(data: Any, name: str) -> tuple[type[NegLabel], list[str], dict[
         classes = load_classes(str_list("classes", data["classes"]))
     except InvalidInputError as e:
         raise bad("classes", str(e)) from None
+    saved_prompts = data.get("prompts")
+    if saved_prompts is not None:
+        if not isinstance(saved_prompts, dict) or set(saved_prompts) != {"file", "sha256"} or \
+                not isinstance(saved_prompts["sha256"], str) or \
+                not isinstance(saved_prompts["file"], (str, type(None))):
+            raise bad("prompts", 'expected {"file": path or null, "sha256": hex digest}')
+        if data["templates"] != []:
+            raise bad("templates", "must be [] in a detector saved with learned prompts")
     try:
-        templates = load_templates(str_list("templates", data["templates"]))
+        templates = load_templates(str_list("templates", data["templates"])) if saved_prompts is None else []
     except InvalidInputError as e:
         raise bad("templates", str(e)) from None
     neg_t = data["neg_templates"]
@@ -293,7 +368,7 @@ def _parse_saved(data: Any, name: str) -> tuple[type[NegLabel], list[str], dict[
     if len(negatives) < params["ngroups"]:
         raise bad("negatives", f"{len(negatives)} negatives, fewer than params.ngroups={params['ngroups']}")
     kw = dict(templates=templates, lexicon=lexicon, neg_templates=neg_templates, pool=data["pool"], **params)
-    return classes_by_method[data["method"]], classes, kw, negatives
+    return classes_by_method[data["method"]], classes, kw, negatives, saved_prompts
 
 
 class CSP(NegLabel):

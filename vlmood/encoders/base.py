@@ -212,7 +212,7 @@ def _random_init_seed(spec: str, tag: str) -> int | None:
     value = value.strip()
     if key.strip().lower() != "seed" or not eq or not (value.isascii() and value.isdigit()) or int(value) >= 2**63:
         raise InvalidInputError(f"model spec {spec!r}: expected 'open_clip:ARCH/none' or 'open_clip:ARCH/none:seed=N' "
-                                "with N an integer in [0, 2**63)")
+                                "with N a non-negative integer below 2**63")
     return int(value)
 
 

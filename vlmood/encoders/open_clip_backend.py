@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointMismatchError, EncoderLoadError
+from ..errors import CheckpointMismatchError, EncoderLoadError, UnknownModelError
 from . import registry
 from .base import Encoder, EncoderSpec, resolve_device, resolve_precision
 
@@ -312,7 +312,7 @@ def _check_arch(open_clip, arch: str) -> None:
     if arch not in models:
         close = difflib.get_close_matches(arch, models, n=5, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see open_clip.list_models()"
-        raise EncoderLoadError(f"unknown open_clip architecture {arch!r}{hint}")
+        raise UnknownModelError(f"unknown open_clip architecture {arch!r}{hint}")
 
 
 class _DropRandomInitNotice(logging.Filter):
@@ -352,7 +352,7 @@ def load_open_clip(
     if tag is not None and not arch.startswith("hf-hub:"):
         tags = open_clip.list_pretrained_tags_by_model(arch)
         if tag not in tags and not Path(tag).is_file():
-            raise EncoderLoadError(
+            raise UnknownModelError(
                 f"no pretrained weights {tag!r} for {arch!r}; available tags: {', '.join(tags) or 'none'}"
                 f" (or use 'open_clip:{arch}@/path/to/checkpoint' for a local file)"
             )

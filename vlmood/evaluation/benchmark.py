@@ -66,7 +66,8 @@ class Benchmark:
         id: ID images (anything :func:`vlmood.data.as_source` accepts).
         ood: ``{"near": {"ssb_hard": SOURCE, ...}, "far": {...}}``, or a flat ``{"name": SOURCE}`` (group "ood").
         classes: ID class names (list, bundled name, file).
-        templates: prompt templates for detectors built from names.
+        templates: prompt templates for detectors built from names (and from dict entries without their own
+            ``templates`` or ``prompts``).
         name: shown in reports.
         on_error: ``"skip"`` lists unreadable images in the report instead of stopping.
     """
@@ -116,7 +117,9 @@ class Benchmark:
                         f"{det.classes[:3]}... vs {self.classes[:3]}...")
             elif isinstance(d, Mapping):  # {"label": {"method": "mcm", "temperature": 0.5}}
                 kw = dict(d)
-                det = make_detector(kw.pop("method", key), encoder, self.classes, templates=self.templates, **kw)
+                if kw.get("prompts") is None:  # learned prompts replace the templates; an entry's own ones win
+                    kw.setdefault("templates", self.templates)
+                det = make_detector(kw.pop("method", key), encoder, self.classes, **kw)
             else:
                 det = make_detector(str(d), encoder, self.classes, templates=self.templates)
             label = key or det.name
@@ -149,6 +152,12 @@ class Benchmark:
             batch_size: int | None = None, num_workers: int | None = None, progress: bool | None = None,
             features: Mapping[str, Features] | None = None) -> Report:
         """Score every set with every detector and compute the metrics.
+
+        ``detectors``: method names (``"mcm,glmcm"`` or a list), :class:`Detector` objects, or a dict from report
+        label to a name, a detector, or the keyword arguments of :func:`vlmood.make_detector` with ``"method"``.
+        Zero-shot and learned prompts compare in one run, e.g.
+        ``{"mcm": "mcm", "mcm+locoop": {"method": "mcm", "prompts": learned}}`` (``learned``: a
+        :class:`~vlmood.tuning.LearnedPrompts` or its file; its classes must be the benchmark's, same order).
 
         Images are encoded once (local patch features only when a detector needs them) and every detector
         scores the same :class:`Features`. ``features`` may pass precomputed ones (from :meth:`extract`).

@@ -12,7 +12,9 @@ temporary file and renamed into place, so readers never see a partial shard, and
 each add their own shards (the index is updated under a file lock). Shards are self-describing (their
 metadata carries their checksum and row count): a missing, truncated or malformed ``index.json`` is rebuilt
 from them on the next write. Each shard carries a checksum of its tensors: a truncated or corrupted
-shard is detected, reported with a warning, removed, and its prompts are recomputed.
+shard is detected, reported with a warning, removed, and its prompts are recomputed. A shard that cannot be read
+(permissions, an I/O error, too many open files, no memory) is not known to be corrupted: it is skipped and kept,
+with one warning, and the hits of the other shards are still served.
 
 The cache never stops a computation: a read-only folder or a full disk gives one :class:`CacheWarning` per
 cache root and process, and the results are returned without being stored. A failed write removes its
@@ -41,7 +43,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 STALE_TMP_SECONDS = 3600.0
 """A temporary ``.*.tmp`` file in a cache folder older than this (seconds) was left by a killed or failed writer
 and is removed; younger ones may belong to a concurrent writer and are left alone."""
-_warned: set[tuple[str, str]] = set()  # (cache root, "read"/"write") already warned about in this process
+_warned: set[tuple[str, str, str]] = set()  # (cache root, kind, "read"/"write"/"shard") already warned about
 
 
 class CacheWarning(UserWarning):
@@ -55,6 +57,19 @@ def prompt_key(text: str) -> bytes:
     ``surrogatepass``, so every Python string has a key; valid text keys are unchanged.
     """
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged shard raises: a format error of safetensors, a bad checksum (ValueError), a missing
+    tensor or metadata field (KeyError, TypeError). I/O errors and MemoryError are not among them."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - older safetensors
+        return ValueError, KeyError, TypeError
+    return SafetensorError, ValueError, KeyError, TypeError
+
+
+_CORRUPT = _corrupt_errors()
 
 
 def _checksum(keys: torch.Tensor, emb: torch.Tensor) -> str:
@@ -160,13 +175,21 @@ class EmbeddingCache:
             self._swept.add(folder)
             sweep_stale_temp_files(folder)
 
-    def _warn_once(self, what: str, error: OSError) -> None:
-        """One :class:`CacheWarning` per cache root, operation and process (not one per batch or call)."""
-        key = (str(self.root), what)
+    def _warn_once(self, what: str, error: BaseException, shard: Path | None = None) -> None:
+        """One :class:`CacheWarning` per cache root, kind, operation and process (not one per batch or call).
+
+        ``what``: ``"read"`` or ``"write"``; with ``shard``, that one shard could not be read (it is skipped)."""
+        key = (str(self.root), self.kind, "shard" if shard is not None else what)
         if key in _warned:
             return
         _warned.add(key)
-        reason = error.strerror or str(error) or type(error).__name__
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        if shard is not None:
+            warnings.warn(f"cannot read {self.kind} cache shard {printable(str(shard))} ({type(error).__name__}: "
+                          f"{reason}); skipping it (not removed): its entries are recomputed (check the file's "
+                          "permissions and the disk; further unreadable shards are skipped without a warning)",
+                          CacheWarning, stacklevel=5)
+            return
         fix = ("set VLMOOD_CACHE to a writable folder, free disk space, or pass cache=False" if what == "write"
                else "check the folder's permissions, or pass cache=False")
         warnings.warn(f"cannot {what} the {self.kind} cache in {printable(str(self.root))} ({reason}); continuing "
@@ -236,16 +259,20 @@ class EmbeddingCache:
             return rows, emb
         except FileNotFoundError:
             return None  # removed by a concurrent process
-        except PermissionError:
-            raise  # an unreadable folder, not a corrupted shard: get() warns once and recomputes
-        except Exception as e:
+        except (OSError, MemoryError) as e:  # unreadable (permissions, EIO, EMFILE, no memory), not corrupted
+            self._warn_once("read", e, shard)
+            return None
+        except _CORRUPT as e:  # a bad checksum or format: the shard is removed, its entries recomputed
             warnings.warn(
-                f"{self.kind} cache shard {shard} is corrupted ({type(e).__name__}: {e}); "
+                f"{self.kind} cache shard {printable(str(shard))} is corrupted ({type(e).__name__}: {e}); "
                 "removing it, its entries will be recomputed",
                 stacklevel=4,
             )
             with contextlib.suppress(OSError):
                 shard.unlink()
+            return None
+        except Exception as e:  # anything else: not known to be corrupted, so kept
+            self._warn_once("read", e, shard)
             return None
 
     @staticmethod

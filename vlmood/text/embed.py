@@ -1,7 +1,8 @@
 """Text embedding engine: unique prompts, cache lookup, length-sorted trimmed batches, class ensembles."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence, Union
+import time
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,11 @@ CacheArg = Union[EmbeddingCache, bool, None]
 _TEXT_ENGINE_VERSION = "text-v1"
 _default_caches: dict[str, EmbeddingCache] = {}
 _MAX_NAMED = 5  # prompts named in an error message, then a count
+# Resumable runs: new embeddings are stored as a cache shard at least every _STORE_PROMPTS prompts or
+# _STORE_SECONDS seconds, and on every way out (an exception, Ctrl-C, SIGTERM): a large prompt pool (CSP's
+# ~420k prompts) interrupted near its end resumes there. A SIGKILL loses at most the last interval.
+_STORE_PROMPTS = 8192
+_STORE_SECONDS = 60.0
 
 
 def _check_finite(texts: Sequence[str], emb: torch.Tensor) -> None:
@@ -71,9 +77,15 @@ def compute_text_embeddings(
 
 
 def _compute(
-    encoder: "Encoder", texts: Sequence[str], batch_size: int | None = None, progress: bool | None = None
+    encoder: "Encoder", texts: Sequence[str], batch_size: int | None = None, progress: bool | None = None,
+    on_rows: Callable[[list[int], torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """:func:`compute_text_embeddings` without the finiteness check (rows may be NaN/Inf)."""
+    """:func:`compute_text_embeddings` without the finiteness check (rows may be NaN/Inf).
+
+    ``on_rows(positions, rows)`` receives the rows computed so far (positions in ``texts``) at least every
+    :data:`_STORE_PROMPTS` prompts or :data:`_STORE_SECONDS` seconds, and once more however the loop ends
+    (an exception or Ctrl-C included), so that completed work can be stored.
+    """
     if len(texts) == 0:
         return torch.empty(0, encoder.embed_dim)
     bs = batch_size or encoder.text_batch_size
@@ -81,16 +93,32 @@ def _compute(
     lengths_t = torch.tensor(lengths)
     order = torch.argsort(lengths_t, stable=True)
     out = torch.empty(len(texts), encoder.embed_dim)
+    done: list[int] = []  # computed, not yet handed to on_rows
+    last = time.monotonic()
+
+    def hand_over() -> None:
+        nonlocal last
+        if on_rows is not None and done:
+            on_rows(list(done), out[done])
+        done.clear()
+        last = time.monotonic()
+
     # progress=None: a bar only for large sets, and only on a terminal (tqdm's disable=None)
     disable = (not progress) if progress is not None else (True if len(texts) < 2048 else None)
-    with tqdm(total=len(texts), desc="text embeddings", unit="prompt", disable=disable, leave=False) as bar, \
-            torch.inference_mode(), encoder.autocast():
-        for i in range(0, len(texts), bs):
-            idx = order[i : i + bs]
-            length = int(lengths_t[idx].max())
-            feats = encoder._encode_token_batch(tokens[idx].to(encoder.device), length)
-            out[idx] = F.normalize(feats.float(), dim=-1).cpu()
-            bar.update(len(idx))
+    try:
+        with tqdm(total=len(texts), desc="text embeddings", unit="prompt", disable=disable, leave=False) as bar, \
+                torch.inference_mode(), encoder.autocast():
+            for i in range(0, len(texts), bs):
+                idx = order[i : i + bs]
+                length = int(lengths_t[idx].max())
+                feats = encoder._encode_token_batch(tokens[idx].to(encoder.device), length)
+                out[idx] = F.normalize(feats.float(), dim=-1).cpu()
+                done.extend(idx.tolist())
+                bar.update(len(idx))
+                if len(done) >= _STORE_PROMPTS or time.monotonic() - last >= _STORE_SECONDS:
+                    hand_over()
+    finally:
+        hand_over()
     return out
 
 
@@ -104,8 +132,10 @@ def embed_texts(
     """Embed prompts through the cache: ``[M, D]`` float32, L2-normalised, in input order.
 
     Duplicate prompts are encoded once. With a cache, hits are read from disk and only misses are
-    computed (then stored; a read-only or full cache folder gives one warning and no caching).
-    ``cache``: an :class:`EmbeddingCache`, ``True`` (default cache), or ``None``.
+    computed, then stored as they are computed (every 8,192 prompts or 60 seconds, and when the run stops on an
+    exception, Ctrl-C or SIGTERM, so an interrupted run resumes where it stopped). A read-only or full cache
+    folder gives one warning and no caching. ``cache``: an :class:`EmbeddingCache`, ``True`` (default cache),
+    or ``None``.
     Raises :class:`NonFiniteEmbeddingError` naming the prompts whose embedding is NaN/Inf (never cached).
     """
     if isinstance(texts, str):
@@ -124,11 +154,23 @@ def embed_texts(
         vecs[i] = v
     if missing:
         todo = [uniq[i] for i in missing]
-        new = _compute(encoder, todo, batch_size, progress)
-        finite = torch.isfinite(new).all(dim=1)
-        if store is not None and bool(finite.any()):  # the finite ones are kept even when others are not
-            keep = torch.nonzero(finite).flatten().tolist()
-            store.put(ns, [todo[k] for k in keep], new[keep])
+        writable = store is not None
+
+        def keep(positions: list[int], rows: torch.Tensor) -> None:  # the finite ones, even when others are not
+            nonlocal writable
+            finite = torch.isfinite(rows).all(dim=1).tolist()
+            good = [k for k, ok in enumerate(finite) if ok]
+            if writable and good:
+                writable = store.put(ns, [todo[positions[k]] for k in good], rows[good]) is not None
+
+        from .. import _signals
+        from .._signals import _signals_unwind, _Signalled
+
+        try:
+            with _signals_unwind():
+                new = _compute(encoder, todo, batch_size, progress, on_rows=keep if writable else None)
+        except _Signalled as s:
+            _signals._die_of(s.signum)
         _check_finite(todo, new)
         vecs[missing] = new
     pos = {t: i for i, t in enumerate(uniq)}
