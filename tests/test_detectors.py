@@ -237,7 +237,8 @@ def test_identical_class_embeddings_warn(toy):
 
     det = MCM(toy, ["zorblat", "quuxify"])
     with pytest.warns(UserWarning, match=r"1 pair\(s\) of ID classes have \(near\) identical text embeddings .*"
-                                         r"'zorblat' ~ 'quuxify'.*unknown to the model's tokenizer"):
+                                         r"'zorblat' ~ 'quuxify'.*unknown to the model's tokenizer"), \
+            pytest.warns(UserWarning, match=r"2 ID class name\(s\) contain words unknown to the tokenizer"):
         det.fit()
     cos = float(det.text_features[0] @ det.text_features[1])
     assert cos > vlmood.detectors.base.DUPLICATE_COSINE

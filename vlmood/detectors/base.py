@@ -214,8 +214,8 @@ class Detector:
         class name is scored as if the word were absent. BPE tokenizers (CLIP's) have no unknown words."""
         tok = getattr(self.encoder, "tokenizer", None)
         unk, encode = getattr(tok, "unk_token_id", None), getattr(tok, "encode", None)
-        if unk is None or encode is None or not hasattr(tok, "vocab"):
-            return
+        if unk is None or encode is None or not getattr(tok, "word_level", False):
+            return  # BPE tokenizers (open_clip, Hugging Face) have no unknown words; HF CLIP's unk id is its eos
         bad = [c for c in self.classes if unk in encode(c)]
         if bad:
             shown = ", ".join(repr(c) for c in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

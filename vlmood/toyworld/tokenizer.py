@@ -15,6 +15,7 @@ _WORD = re.compile(r"[a-z]+")
 
 class WorldTokenizer:
     pad_token_id, sot_token_id, unk_token_id = 0, 1, 2
+    word_level = True  # words outside the vocabulary become unk_token_id (detectors warn about such class names)
 
     def __init__(self, vocab: Sequence[str], vocab_size: int, context_length: int = 20):
         if len(vocab) + 4 > vocab_size:
