@@ -247,3 +247,86 @@ def test_prompt_learning_checks_trimming_once_per_encoder(monkeypatch):
     assert not supports_prompt_learning(bad)
     with pytest.raises(InvalidInputError, match="differs from the full one"):
         CoOp(bad, ["cat", "dog"])
+
+
+def _shared_case(enc, names, n_ctx=4, seed=3):
+    """Prompts "X X X X {name}." -> (ctx leaf [n_ctx, W], start embedding [1, W], suffixes [C, Ls, W], eot)."""
+    tokens, eot = prompt_tokens(enc, [" ".join(["X"] * n_ctx) + f" {n}." for n in names])
+    base = token_embeddings(enc, tokens[:, : int(eot.max()) + 1])
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.nn.Parameter(0.5 * torch.randn(n_ctx, text_width(enc), generator=g))
+    return ctx, base[0, :1], base[:, 1 + n_ctx:], eot
+
+
+@pytest.mark.parametrize("which", ["tiny", "toy"])
+def test_shared_prefix_equals_full_forward_values_and_gradients(which, tiny, toy):
+    from vlmood.encoders.text_forward import encode_text_shared_prefix
+
+    enc = tiny if which == "tiny" else toy
+    names = (["cat", "a very long name of a small red bird in the rain", "dog house"] if which == "tiny"
+             else ["red circle", "big blue square on grass", "circle"])
+    ctx, sos, suffix, eot = _shared_case(enc, names)
+    assert len(set(eot.tolist())) == 3  # suffixes of different lengths in one batch
+    suffix = suffix.clone().requires_grad_(True)
+    # Reference: every prompt in full through the tower (the trimmed forward and the hand-built one).
+    full = torch.cat([sos.expand(3, -1, -1), ctx.expand(3, -1, -1), suffix], 1)
+    ref = encode_text_embeddings(enc, full, eot)
+    with torch.no_grad():
+        assert (ref - _full_forward(enc, full.detach(), eot)).abs().max().item() <= 1e-5
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7))
+    g_ctx, g_suf = torch.autograd.grad((ref * w).sum(), [ctx, suffix])
+    # Shared path: the prefix runs once (batch 1, 1 + n_ctx positions), the suffixes per prompt, trimmed.
+    seen = []
+    hook = _tower(enc).transformer.resblocks[0].mlp.register_forward_pre_hook(
+        lambda mod, args: seen.append(tuple(args[0].shape[:2])))
+    try:
+        out = encode_text_shared_prefix(enc, torch.cat([sos, ctx]), suffix, eot)
+    finally:
+        hook.remove()
+    assert seen == [(1, 5), (3, int(eot.max()) + 1 - 5)]
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    h_ctx, h_suf = torch.autograd.grad((out * w).sum(), [ctx, suffix])
+    scale = g_ctx.abs().max().item()
+    assert scale > 0 and (h_ctx - g_ctx).abs().max().item() <= 1e-5 * scale
+    assert (h_suf - g_suf).abs().max().item() <= 1e-5 * g_suf.abs().max().item()
+
+
+def test_shared_prefix_falls_back_for_nonstandard_blocks(tiny):
+    from open_clip.transformer import ResidualAttentionBlock
+
+    from vlmood.encoders import text_forward as tf
+
+    class Custom(ResidualAttentionBlock):
+        def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
+            return super().forward(q_x, k_x, v_x, attn_mask) * 1.5  # a block the by-hand path would get wrong
+
+    enc = copy.deepcopy(tiny)
+    assert tf._standard_blocks(_tower(enc))
+    _tower(enc).transformer.resblocks[1].__class__ = Custom
+    assert not tf._standard_blocks(_tower(enc))
+    ctx, sos, suffix, eot = _shared_case(enc, ["cat", "dog house"])
+    with torch.no_grad():
+        full = torch.cat([sos.expand(2, -1, -1), ctx.expand(2, -1, -1), suffix], 1)
+        out = tf.encode_text_shared_prefix(enc, torch.cat([sos, ctx]), suffix, eot)
+        assert (out - encode_text_embeddings(enc, full, eot)).abs().max().item() <= 1e-6
+    mask = _tower(tiny).attn_mask.clone()
+    mask[3, 1] = float("-inf")  # not the causal mask
+    assert not tf._standard_blocks(type("T", (), {"transformer": _tower(tiny).transformer, "attn_mask": mask}))
+
+
+def test_shared_prefix_bad_inputs_are_one_line_errors(tiny):
+    from vlmood.encoders.text_forward import encode_text_shared_prefix
+
+    ctx, sos, suffix, eot = _shared_case(tiny, ["cat", "dog house"])
+    prefix = torch.cat([sos, ctx]).detach()
+    for call, msg in [
+        (lambda: encode_text_shared_prefix(tiny, prefix, suffix, torch.tensor([3, 6])),
+         r"eot positions must lie in the suffix, \[5, "),
+        (lambda: encode_text_shared_prefix(tiny, prefix[:, :10], suffix, eot), "prefix_embeds must be a float"),
+        (lambda: encode_text_shared_prefix(tiny, prefix, suffix[0], eot), "suffix_embeds must be a float"),
+        (lambda: encode_text_shared_prefix(tiny, prefix, suffix, eot[:1]), "eot must be 2 integer"),
+        (lambda: encode_text_shared_prefix(tiny, prefix, torch.zeros(1, 73, 64), [6]), "exceed the text context"),
+    ]:
+        with pytest.raises(InvalidInputError, match=msg):
+            call()

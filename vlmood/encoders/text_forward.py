@@ -204,3 +204,112 @@ def _forward(enc: "Encoder", tower: Any, embeds: torch.Tensor, eot: torch.Tensor
         if proj is not None:
             x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
     return x if x.dtype == torch.float64 else x.float()  # never below float32; float64 models stay exact
+
+
+def _standard_blocks(tower: Any) -> bool:
+    """Whether ``tower.transformer`` is open_clip's ``Transformer`` of plain ``ResidualAttentionBlock`` s (self-
+    attention through an ``nn.MultiheadAttention`` with packed q/k/v, no extra key/value biases, no dropout) and
+    ``tower.attn_mask`` is the causal mask, so that :func:`encode_text_shared_prefix` can run the blocks by hand."""
+    try:
+        from open_clip.transformer import ResidualAttentionBlock, Transformer
+    except ImportError:  # pragma: no cover - open_clip is a dependency
+        return False
+    tr = getattr(tower, "transformer", None)
+    if type(tr).forward is not Transformer.forward or not isinstance(getattr(tr, "resblocks", None),
+                                                                          torch.nn.ModuleList):
+        return False
+    for b in tr.resblocks:
+        attn = getattr(b, "attn", None)
+        if (type(b).forward is not ResidualAttentionBlock.forward
+                or type(b).attention is not ResidualAttentionBlock.attention
+                or not isinstance(attn, torch.nn.MultiheadAttention) or hasattr(b, "ln_1_kv")
+                or not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.bias_v is not None
+                or attn.add_zero_attn or (attn.dropout and attn.training)):
+            return False
+    mask = tower.attn_mask
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+        return False
+    n = mask.shape[0]
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
+    return bool((mask[causal] == float("-inf")).all() and (mask[~causal] == 0).all())
+
+
+def _block_shared(block: Any, xp: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``ResidualAttentionBlock`` over the shared prefix ``xp`` ``[1, Lp, W]`` and the per-prompt suffixes
+    ``xs`` ``[C, Ls, W]`` (batch first): the prefix attends causally to itself, each suffix to the whole prefix and
+    causally to itself — what the block computes on the concatenated sequences, without repeating the prefix."""
+    attn = block.attn
+    heads, (lp, ls) = attn.num_heads, (xp.shape[1], xs.shape[1])
+
+    def qkv(x: torch.Tensor) -> list[torch.Tensor]:
+        q, k, v = torch.nn.functional.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+        return [t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v)]  # [B, H, L, hd]
+
+    def out(a: torch.Tensor) -> torch.Tensor:
+        return attn.out_proj(a.transpose(1, 2).flatten(2))
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    qp, kp, vp = qkv(xp)
+    qs, ks, vs = qkv(xs)
+    c = xs.shape[0]
+    keep = torch.ones(ls, lp + ls, dtype=torch.bool, device=xs.device)
+    keep[:, lp:] = torch.ones(ls, ls, dtype=torch.bool, device=xs.device).tril()
+    ap = sdpa(qp, kp, vp, is_causal=True)
+    as_ = sdpa(qs, torch.cat([kp.expand(c, -1, -1, -1), ks], 2), torch.cat([vp.expand(c, -1, -1, -1), vs], 2),
+               attn_mask=keep)
+    xp = xp + block.ls_1(out(ap))
+    xs = xs + block.ls_1(out(as_))
+    xp = xp + block.ls_2(block.mlp(block.ln_2(xp)))
+    xs = xs + block.ls_2(block.mlp(block.ln_2(xs)))
+    return xp, xs
+
+
+def encode_text_shared_prefix(enc: "Encoder", prefix_embeds: torch.Tensor, suffix_embeds: torch.Tensor,
+                              eot: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """:func:`encode_text_embeddings` of the prompts ``cat([prefix_embeds, suffix_embeds[i]])`` when all ``C``
+    prompts share their first ``Lp`` embeddings ``prefix_embeds`` ``[Lp, W]`` (start token and a shared learned
+    context); ``suffix_embeds`` ``[C, Ls, W]``; ``eot`` ``[C]`` the end positions in the *full* sequences (at
+    least ``Lp``). Returns ``[C, D]``, differentiable with respect to both inputs.
+
+    With causal attention the prefix positions are the same for every prompt, so the prefix runs once through each
+    block and only the suffixes (trimmed to ``max(eot) + 1 - Lp``) run per prompt, attending to the prefix's keys
+    and values. Towers whose blocks are not open_clip's standard ones fall back to the concatenated forward.
+    """
+    t = _require(enc)
+    tower = t["tower"]
+    width, ctx = tower.token_embedding.weight.shape[1], tower.positional_embedding.shape[0]
+    for name, x, nd in (("prefix_embeds", prefix_embeds, 2), ("suffix_embeds", suffix_embeds, 3)):
+        if not isinstance(x, torch.Tensor) or x.ndim != nd or not x.is_floating_point() or x.shape[-1] != width:
+            shape = "[Lp, W]" if nd == 2 else "[C, Ls, W]"
+            raise InvalidInputError(f"{name} must be a float tensor {shape} with W={width} (the text width of "
+                                    f"{enc.spec}), got " + (f"{x.dtype} {tuple(x.shape)}" if isinstance(
+                                        x, torch.Tensor) else type(x).__name__))
+    lp, (c, ls) = prefix_embeds.shape[0], suffix_embeds.shape[:2]
+    if lp + ls > ctx:
+        raise InvalidInputError(f"prompts of {lp} + {ls} positions exceed the text context of {enc.spec} ({ctx})")
+    eot = torch.as_tensor(eot)
+    if eot.ndim != 1 or eot.shape[0] != c or eot.is_floating_point() or eot.dtype == torch.bool:
+        raise InvalidInputError(f"eot must be {c} integer end-of-text positions (one per prompt), got "
+                                f"{eot.dtype} {tuple(eot.shape)}")
+    if c == 0:
+        return torch.zeros(0, enc.embed_dim, device=enc.device)
+    lo, hi = int(eot.min()), int(eot.max())
+    if lo < lp or hi >= lp + ls:
+        raise InvalidInputError(f"eot positions must lie in the suffix, [{lp}, {lp + ls}); got {lo}..{hi}")
+    if not _standard_blocks(tower):
+        full = torch.cat([prefix_embeds.to(suffix_embeds.dtype).unsqueeze(0).expand(c, -1, -1), suffix_embeds], 1)
+        return _forward(enc, tower, full, eot)
+    n = hi + 1 - lp
+    eot = eot.to(enc.device).long() - lp
+    with enc.autocast():
+        cast = tower.transformer.get_cast_dtype()
+        pos = tower.positional_embedding.to(cast)
+        xp = prefix_embeds.to(device=enc.device, dtype=cast).unsqueeze(0) + pos[:lp]
+        xs = suffix_embeds[:, :n].to(device=enc.device, dtype=cast) + pos[lp : lp + n]
+        for block in tower.transformer.resblocks:
+            xp, xs = _block_shared(block, xp, xs)
+        x = tower.ln_final(xs)[torch.arange(c, device=enc.device), eot]
+        proj = tower.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return x if x.dtype == torch.float64 else x.float()

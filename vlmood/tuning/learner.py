@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from ..encoders.text_forward import encode_text_embeddings, prompt_tokens, require_prompt_learning, text_width
-from ..encoders.text_forward import token_embeddings
+from ..encoders.text_forward import (encode_text_embeddings, encode_text_shared_prefix, prompt_tokens,
+                                     require_prompt_learning, text_width, token_embeddings)
 from ..errors import InvalidInputError
 
 PLACEHOLDER = "X"
@@ -72,7 +72,14 @@ class PromptPieces:
         return torch.cat([self.prefix, ctx.to(self.prefix.dtype), self.suffix], dim=1)
 
     def text_features(self, encoder, ctx: torch.Tensor) -> torch.Tensor:
-        """Unnormalised class text features ``[C, D]`` through the frozen tower; differentiable in ``ctx``."""
+        """Unnormalised class text features ``[C, D]`` through the frozen tower; differentiable in ``ctx``.
+
+        With a shared context (``ctx`` ``[n_ctx, W]``) the start token and context, the same for every class, run
+        through the tower once (:func:`encode_text_shared_prefix`); class-specific context runs every prompt whole.
+        """
+        if ctx.dim() == 2 and self.prefix.shape[0]:
+            prefix = torch.cat([self.prefix[0], ctx.to(self.prefix.dtype)], dim=0)
+            return encode_text_shared_prefix(encoder, prefix, self.suffix, self.eot)
         return encode_text_embeddings(encoder, self.assemble(ctx), self.eot)
 
 
