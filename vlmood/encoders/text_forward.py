@@ -124,12 +124,9 @@ def prompt_tokens(enc: "Encoder", texts: Sequence[str]) -> tuple[torch.Tensor, t
     ``length - 1`` of :meth:`Encoder.tokenize`.
     """
     _require(enc)
-    if isinstance(texts, str):
-        raise InvalidInputError("texts must be a sequence of strings, not a single string")
-    texts = list(texts)
-    bad = [t for t in texts if not isinstance(t, str)]
-    if bad:
-        raise InvalidInputError(f"texts must be strings; got {type(bad[0]).__name__} {bad[0]!r}")
+    from ..text.embed import as_texts
+
+    texts = as_texts(texts)
     tokens, lengths = enc.tokenize(texts)
     return tokens, torch.as_tensor(lengths, dtype=torch.long).reshape(-1) - 1
 
@@ -155,6 +152,19 @@ def token_embeddings(enc: "Encoder", tokens: torch.Tensor) -> torch.Tensor:
         return tower.token_embedding(tokens.to(enc.device).long()).float()
 
 
+def _check_eot(eot: Any, m: int, lo_ok: int, hi_ok: int, where: str) -> torch.Tensor:
+    """``eot`` as ``m`` integer end-of-text positions, each in ``[lo_ok, hi_ok)`` (``where`` describes that range)."""
+    eot = torch.as_tensor(eot)
+    if eot.ndim != 1 or eot.shape[0] != m or eot.is_floating_point() or eot.dtype == torch.bool:
+        raise InvalidInputError(f"eot must be {m} integer end-of-text positions (one per prompt), got "
+                                f"{eot.dtype} {tuple(eot.shape)}")
+    if m:
+        lo, hi = int(eot.min()), int(eot.max())
+        if lo < lo_ok or hi >= hi_ok:
+            raise InvalidInputError(f"eot positions must lie in {where}; got {lo}..{hi}")
+    return eot
+
+
 def encode_text_embeddings(enc: "Encoder", embeds: torch.Tensor, eot: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """Unnormalised text features ``[M, D]`` (float32, float64 for a float64 model; on ``enc.device``) of prompt
     embeddings ``[M, L, W]``.
@@ -177,15 +187,9 @@ def encode_text_embeddings(enc: "Encoder", embeds: torch.Tensor, eot: torch.Tens
         raise InvalidInputError(f"embeds have width {w}; the text tower of {enc.spec} has width {width}")
     if length > ctx:
         raise InvalidInputError(f"embeds have {length} positions; the text context of {enc.spec} is {ctx}")
-    eot = torch.as_tensor(eot)
-    if eot.ndim != 1 or eot.shape[0] != m or eot.is_floating_point() or eot.dtype == torch.bool:
-        raise InvalidInputError(f"eot must be {m} integer end-of-text positions (one per prompt), got "
-                                f"{eot.dtype} {tuple(eot.shape)}")
+    eot = _check_eot(eot, m, 0, length, f"[0, {length}) (the prompts' length)")
     if m == 0:
         return torch.zeros(0, enc.embed_dim, device=enc.device)
-    lo, hi = int(eot.min()), int(eot.max())
-    if lo < 0 or hi >= length:
-        raise InvalidInputError(f"eot positions must lie in [0, {length}) (the prompts' length); got {lo}..{hi}")
     return _forward(enc, tower, embeds, eot)
 
 
@@ -287,19 +291,13 @@ def encode_text_shared_prefix(enc: "Encoder", prefix_embeds: torch.Tensor, suffi
     lp, (c, ls) = prefix_embeds.shape[0], suffix_embeds.shape[:2]
     if lp + ls > ctx:
         raise InvalidInputError(f"prompts of {lp} + {ls} positions exceed the text context of {enc.spec} ({ctx})")
-    eot = torch.as_tensor(eot)
-    if eot.ndim != 1 or eot.shape[0] != c or eot.is_floating_point() or eot.dtype == torch.bool:
-        raise InvalidInputError(f"eot must be {c} integer end-of-text positions (one per prompt), got "
-                                f"{eot.dtype} {tuple(eot.shape)}")
+    eot = _check_eot(eot, c, lp, lp + ls, f"the suffix, [{lp}, {lp + ls})")
     if c == 0:
         return torch.zeros(0, enc.embed_dim, device=enc.device)
-    lo, hi = int(eot.min()), int(eot.max())
-    if lo < lp or hi >= lp + ls:
-        raise InvalidInputError(f"eot positions must lie in the suffix, [{lp}, {lp + ls}); got {lo}..{hi}")
     if not _standard_blocks(tower):
         full = torch.cat([prefix_embeds.to(suffix_embeds.dtype).unsqueeze(0).expand(c, -1, -1), suffix_embeds], 1)
         return _forward(enc, tower, full, eot)
-    n = hi + 1 - lp
+    n = int(eot.max()) + 1 - lp
     eot = eot.to(enc.device).long() - lp
     with enc.autocast():
         cast = tower.transformer.get_cast_dtype()

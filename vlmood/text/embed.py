@@ -39,6 +39,17 @@ def _check_finite(texts: Sequence[str], emb: torch.Tensor) -> None:
             "overflowed (fp16? use fp32 precision) or its weights are broken")
 
 
+def as_texts(texts: Sequence[str]) -> list[str]:
+    """``texts`` as a list of strings; a single string or a non-string item is a one-line error."""
+    if isinstance(texts, str):
+        raise InvalidInputError("texts must be a sequence of strings, not a single string")
+    texts = list(texts)
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad:
+        raise InvalidInputError(f"texts must be strings; got {type(bad[0]).__name__} {bad[0]!r}")
+    return texts
+
+
 def default_cache() -> EmbeddingCache:
     """The process-wide cache at :func:`vlmood._paths.cache_root` (re-read when ``$VLMOOD_CACHE`` changes)."""
     root = str(cache_root())
@@ -138,12 +149,7 @@ def embed_texts(
     or ``None``.
     Raises :class:`NonFiniteEmbeddingError` naming the prompts whose embedding is NaN/Inf (never cached).
     """
-    if isinstance(texts, str):
-        raise InvalidInputError("texts must be a sequence of strings, not a single string")
-    texts = list(texts)
-    bad = [t for t in texts if not isinstance(t, str)]
-    if bad:
-        raise InvalidInputError(f"texts must be strings; got {type(bad[0]).__name__} {bad[0]!r}")
+    texts = as_texts(texts)
     uniq = list(dict.fromkeys(texts))
     store = _resolve_cache(cache)
     ns = cache_namespace(encoder) if store is not None else ""
