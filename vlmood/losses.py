@@ -15,6 +15,20 @@ is not among the ``K`` most probable classes of that patch; over the set ``S`` o
     L_LoCoOp = CE(logits, y) + lambda * L_en           (lambda = 0.25, K = 200 for 1000 classes)
 
 as in the reference implementation (AtsuMiyai/LoCoOp, ``trainers/locoop.py``, ``entropy_select_topk``).
+
+CLIPN (Wang et al., "CLIPN for Zero-Shot OOD Detection: Teaching CLIP to Say No", ICCV 2023) trains a "no" text
+tower on image-text pairs. With L2-normalised image features ``x_i``, caption features ``t_j`` (the frozen "yes"
+tower) and ``u_j`` (the "no" tower), ``s`` the exponentiated logit scale, and per pair ``(i, j)``::
+
+    p_yes_ij, p_no_ij = softmax([s * x_i . t_j, s * x_i . u_j])
+    L_bin_yes = - sum_i log p_yes_ii / N                       (matched pairs)
+    L_bin_no  = - sum_{i != j} log p_no_ij / (N^2 - N)          (unmatched pairs)
+    L_tso     = mean_j (2 - sqrt(2 - 2 * t_j . u_j + 1e-4))     (yes and no caption features pushed apart)
+    L_CLIPN   = 0.5 * (L_bin_yes + L_bin_no + L_tso)
+
+as in xmed-lab/CLIPN (``src/open_clip/loss.py`` ``ClipLoss``, ``src/training/train.py``). One deliberate
+difference: ``log p`` is computed as ``log_softmax`` (``-softplus(a - b)``), not as ``log(softmax(...))``: equal
+wherever the reference is finite, and finite where its softmax underflows to 0 (which gives it an infinite loss).
 ``logits`` ``[B, C]`` and ``local_logits`` ``[B, P, C]`` are already multiplied by the logit scale.
 
 Two deliberate details:
@@ -134,3 +148,59 @@ def locoop_loss(
     l_en = -mean_entropy
     total = ce + float(lam) * l_en
     return total, {"ce": ce, "entropy": l_en}
+
+
+TSO_EPS = 1e-4
+"""Added under the square root of the text semantic-opposite loss, as in the reference (no infinite gradient)."""
+
+
+def _check_features(name: str, x: torch.Tensor, n: int | None, d: int | None) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
+        raise InvalidInputError(f"{name} must be a float tensor [N, D], got "
+                                + (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__))
+    if n is not None and (x.shape[0] != n or x.shape[1] != d):
+        raise InvalidInputError(f"{name} has shape {tuple(x.shape)}; expected {(n, d)} like image_features")
+
+
+def clipn_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    text_features_no: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CLIPN's training loss over ``N`` matched image-caption pairs (see the module docstring for the formula).
+
+    Args:
+        image_features: ``[N, D]`` L2-normalised image features (row ``i`` is matched with caption ``i``).
+        text_features: ``[N, D]`` L2-normalised caption features of the "yes" (original) text tower.
+        text_features_no: ``[N, D]`` L2-normalised caption features of the "no" text tower.
+        logit_scale: the exponentiated scale ``s`` (about 100 for CLIP), a number or a scalar tensor.
+
+    Returns:
+        ``(total, {"bin_yes": ..., "bin_no": ..., "tso": ...})``: float32 (float64 for float64 inputs) scalar
+        tensors with gradients; ``total = 0.5 * (bin_yes + bin_no + tso)``. With ``N = 1`` there is no unmatched
+        pair and ``bin_no`` is 0 (the reference divides 0 by 0).
+    """
+    _check_features("image_features", image_features, None, None)
+    n, d = image_features.shape
+    if n == 0:
+        raise InvalidInputError("clipn_loss needs at least one image-caption pair, got N = 0")
+    _check_features("text_features", text_features, n, d)
+    _check_features("text_features_no", text_features_no, n, d)
+    if not isinstance(logit_scale, torch.Tensor):
+        if isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real) \
+                or not math.isfinite(float(logit_scale)) or float(logit_scale) <= 0:
+            raise InvalidInputError(f"logit_scale must be a finite number > 0 (the exponentiated scale), got "
+                                    f"{logit_scale!r}")
+    x, t, u = _upcast(image_features), _upcast(text_features), _upcast(text_features_no)
+    scale = logit_scale if not isinstance(logit_scale, torch.Tensor) else _upcast(logit_scale).to(x.device)
+    yes = scale * x @ t.T  # [N, N] logits of "this is <caption j>"
+    no = scale * x @ u.T  # [N, N] logits of "this is not <caption j>"
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    log_p_yes = -F.softplus(no - yes)  # log softmax([yes, no])[0]
+    log_p_no = -F.softplus(yes - no)
+    bin_yes = -log_p_yes.diagonal().sum() / n
+    bin_no = -log_p_no.masked_fill(eye, 0.0).sum() / max(n * n - n, 1)
+    tso = (2.0 - torch.sqrt(2.0 - 2.0 * (t * u).sum(dim=-1) + TSO_EPS)).mean()
+    total = 0.5 * (bin_yes + bin_no + tso)
+    return total, {"bin_yes": bin_yes, "bin_no": bin_no, "tso": tso}

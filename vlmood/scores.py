@@ -127,3 +127,43 @@ def neglabel(id_sims: Any, neg_sims: Any, temperature: float = 0.01, ngroups: in
         # sum of ID softmax mass within a group = e^lse_id / (e^lse_id + e^lse_neg) = sigmoid(lse_id - lse_neg)
         out[i : i + _CHUNK] = torch.sigmoid(lse_id - lse_neg).mean(dim=1).numpy()
     return out
+
+
+def _yes_no(logits_yes: Any, logits_no: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both ``[N, C]`` logit arrays as float64 tensors, checked to have the same shape."""
+    y = _as_tensor(logits_yes, 2, "logits_yes")
+    n = _as_tensor(logits_no, 2, "logits_no")
+    if y.shape != n.shape:
+        raise InvalidInputError(f"logits_yes {tuple(y.shape)} and logits_no {tuple(n.shape)} must have the same "
+                                "shape [N, C]")
+    return y, n
+
+
+def p_yes(logits_yes: Any, logits_no: Any) -> np.ndarray:
+    """CLIPN's per-class "yes" probability ``softmax([logits_yes_c, logits_no_c])[0] = sigmoid(yes_c - no_c)``.
+    ``[N, C]`` scaled logits (``logit_scale * cos``) of both towers -> ``[N, C]``."""
+    y, n = _yes_no(logits_yes, logits_no)
+    return torch.sigmoid(y - n).numpy()
+
+
+def ctw(logits_yes: Any, logits_no: Any) -> np.ndarray:
+    """CLIPN's Competing-to-Win score (Wang et al., ICCV 2023): ``p_yes`` of the predicted class
+    ``argmax_c logits_yes``. ``[N, C]`` scaled logits of the yes and no towers -> ``[N]`` in [0, 1], higher = ID.
+
+    As ``zero_shot_infer.py`` of xmed-lab/CLIPN (the reference scores ``p_yes`` directly; its paper's CTW rule
+    thresholds it at 0.5, which this continuous score ranks the same way). A row with any NaN logit scores NaN."""
+    y, n = _yes_no(logits_yes, logits_no)
+    pred = y.argmax(dim=-1, keepdim=True)
+    out = torch.sigmoid(y.gather(1, pred) - n.gather(1, pred)).squeeze(1)
+    bad = ~(torch.isfinite(y).all(dim=1) & torch.isfinite(n).all(dim=1))
+    return out.masked_fill(bad, float("nan")).numpy()
+
+
+def atd(logits_yes: Any, logits_no: Any) -> np.ndarray:
+    """CLIPN's Agreeing-to-Differ score as its reference code computes it: ``sum_c softmax(logits_yes)_c * p_yes_c``
+    (the ID probability mass left after each class's "no" probability is taken out). ``[N, C]`` scaled logits ->
+    ``[N]`` in [0, 1], higher = ID. A row with any NaN logit scores NaN."""
+    y, n = _yes_no(logits_yes, logits_no)
+    out = (torch.softmax(y, dim=-1) * torch.sigmoid(y - n)).sum(dim=-1)
+    bad = ~(torch.isfinite(y).all(dim=1) & torch.isfinite(n).all(dim=1))
+    return out.masked_fill(bad, float("nan")).numpy()

@@ -7,11 +7,14 @@ from typing import Any, Sequence
 from ..encoders.base import Encoder
 from ..errors import InvalidInputError
 from .base import Detector, Prediction
+from .clipn import CLIPN, CLIPNATD
 from .glmcm import GLMCM
 from .mcm import MCM, Energy, MaxLogit
 from .neglabel import CSP, NegLabel
 
-DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (MCM, GLMCM, Energy, MaxLogit, NegLabel, CSP)}
+DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (MCM, GLMCM, Energy, MaxLogit, NegLabel, CSP, CLIPN,
+                                                                   CLIPNATD)}
+DETECTORS["clipnctw"] = CLIPN  # CLIPN's default score, by its name
 
 
 def canonical_method(name: str) -> str:
@@ -29,7 +32,8 @@ def canonical_method(name: str) -> str:
 
 
 def make_detector(name: str, encoder: Encoder, classes: str | Sequence[str] | None, **kwargs: Any) -> Detector:
-    """A detector by method name (``mcm``, ``glmcm``, ``energy``, ``maxlogit``, ``neglabel``, ``csp``).
+    """A detector by method name (``mcm``, ``glmcm``, ``energy``, ``maxlogit``, ``neglabel``, ``csp``, ``clipn`` /
+    ``clipn-ctw``, ``clipn-atd``).
 
     ``kwargs`` go to the detector, e.g. ``templates=`` or ``prompts=`` (learned prompts or their file; ``classes``
     may then be None).
@@ -37,5 +41,5 @@ def make_detector(name: str, encoder: Encoder, classes: str | Sequence[str] | No
     return DETECTORS[canonical_method(name)](encoder, classes, **kwargs)
 
 
-__all__ = ["CSP", "DETECTORS", "canonical_method", "Detector", "Energy", "GLMCM", "MCM", "MaxLogit", "NegLabel", "Prediction",
+__all__ = ["CLIPN", "CLIPNATD", "CSP", "DETECTORS", "canonical_method", "Detector", "Energy", "GLMCM", "MCM", "MaxLogit", "NegLabel", "Prediction",
            "make_detector"]

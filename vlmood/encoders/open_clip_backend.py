@@ -62,6 +62,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+CLIPN_NO_KEYS = ("transformer_no.", "token_embedding_no.", "positional_embedding_no", "ln_final_no.",
+                 "text_projection_no", "prompt_no")
+"""Prefixes of the parameter names of CLIPN's "no" side (xmed-lab/CLIPN); see :mod:`vlmood.clipn.model`."""
+
+
+def is_clipn_no_key(name: str) -> bool:
+    """Whether a state-dict key belongs to CLIPN's "no" side (a CLIPN checkpoint also holds its base CLIP)."""
+    return any(name == k.rstrip(".") or name.startswith(k) for k in CLIPN_NO_KEYS)
+
+
 def load_matching_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, arch: str) -> None:
     """Load ``sd`` into ``model``; any missing, unexpected or mis-shaped tensor raises an error naming them."""
     own = model.state_dict()
@@ -227,10 +237,11 @@ class OpenCLIPEncoder(Encoder):
         self._warn_truncated(texts, tokens)
         return tokens, lengths
 
-    def _warn_truncated(self, texts: Sequence[str], tokens: torch.Tensor) -> None:
+    def _truncated_rows(self, texts: Sequence[str], tokens: torch.Tensor) -> list[int]:
+        """Rows of ``texts`` longer than the text context (cut by the tokenizer)."""
         full = (tokens[:, -1] != 0).nonzero().flatten().tolist()  # only rows reaching the last position can be cut
         if not full:
-            return
+            return []
         enc = getattr(self.tokenizer, "encode", None)
         inner = getattr(self.tokenizer, "tokenizer", None)
         ctx = tokens.shape[1]
@@ -243,8 +254,13 @@ class OpenCLIPEncoder(Encoder):
             else:
                 n = ctx + 1
             if n > ctx:
-                cut.append(texts[i])
+                cut.append(i)
+        return cut
+
+    def _warn_truncated(self, texts: Sequence[str], tokens: torch.Tensor) -> None:
+        cut = [texts[i] for i in self._truncated_rows(texts, tokens)]
         if cut:
+            ctx = tokens.shape[1]
             shown = "; ".join(repr(c if len(c) <= 80 else c[:77] + "...") for c in cut[:3])
             more = f" and {len(cut) - 3} more" if len(cut) > 3 else ""
             warnings.warn(
@@ -376,7 +392,10 @@ def load_open_clip(
             ) from e
         raise EncoderLoadError(f"could not build {spec}: {type(e).__name__}: {e}") from e
     if spec.checkpoint is not None:
-        load_matching_state_dict(model, read_state_dict(spec.checkpoint), str(spec.checkpoint), arch)
+        sd = read_state_dict(spec.checkpoint)
+        if "prompt_no" in sd:  # a CLIPN checkpoint (xmed-lab/CLIPN): its base CLIP, without the "no" side
+            sd = {k: v for k, v in sd.items() if not is_clipn_no_key(k)}
+        load_matching_state_dict(model, sd, str(spec.checkpoint), arch)
     factory = registry.tokenizer_factory(arch)  # e.g. the toy world's word-level tokenizer
     tokenizer = factory(spec) if factory is not None else open_clip.get_tokenizer(arch)
     return OpenCLIPEncoder(model.to(dev), preprocess, tokenizer, spec, dev, prec)

@@ -165,9 +165,30 @@ def _check_eot(eot: Any, m: int, lo_ok: int, hi_ok: int, where: str) -> torch.Te
     return eot
 
 
-def encode_text_embeddings(enc: "Encoder", embeds: torch.Tensor, eot: torch.Tensor | Sequence[int]) -> torch.Tensor:
+def eot_positions(enc: "Encoder", tokens: torch.Tensor) -> torch.Tensor:
+    """End-of-text positions ``[M]`` of token ids ``[M, L]``, by the text tower's pooling rule: the highest id
+    (``argmax``, CLIP's end token has the largest id) or the first end token (``eos``)."""
+    t = _require(enc)
+    if t["pool"] == "eos" and t["eos"] is not None:
+        return (tokens == t["eos"]).int().argmax(dim=-1)
+    return tokens.argmax(dim=-1)
+
+
+def text_tower(enc: "Encoder") -> Any:
+    """The open_clip text-tower object of ``enc`` (whose ``token_embedding``, ``positional_embedding``,
+    ``transformer``, ``attn_mask``, ``ln_final`` and ``text_projection`` the forward uses), for copying it (CLIPN's
+    "no" tower)."""
+    return _require(enc)["tower"]
+
+
+def encode_text_embeddings(enc: "Encoder", embeds: torch.Tensor, eot: torch.Tensor | Sequence[int],
+                           tower: Any = None) -> torch.Tensor:
     """Unnormalised text features ``[M, D]`` (float32, float64 for a float64 model; on ``enc.device``) of prompt
     embeddings ``[M, L, W]``.
+
+    ``tower``: another text tower of the same shape to run instead of the encoder's own (an object with
+    ``positional_embedding``, ``transformer``, ``attn_mask``, ``ln_final``, ``text_projection`` and
+    ``token_embedding``, such as CLIPN's "no" tower, :meth:`vlmood.clipn.NoTower.as_tower`); None: the encoder's.
 
     Runs the frozen tower over the first ``L' = max(eot) + 1`` positions: ``+ positional_embedding[:L']``, the
     transformer with the causal mask ``[:L', :L']``, ``ln_final``, the row at ``eot[i]`` of each prompt, and the
@@ -176,7 +197,7 @@ def encode_text_embeddings(enc: "Encoder", embeds: torch.Tensor, eot: torch.Tens
     autocast (its reduced precision on CUDA; fp32 on CPU by default). ``embeds`` is moved to ``enc.device``.
     """
     t = _require(enc)
-    tower = t["tower"]
+    tower = t["tower"] if tower is None else tower
     width, ctx = tower.token_embedding.weight.shape[1], tower.positional_embedding.shape[0]
     if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or not embeds.is_floating_point():
         raise InvalidInputError("embeds must be a float tensor [M, L, W], got "

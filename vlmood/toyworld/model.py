@@ -16,6 +16,8 @@ from .world import vocabulary
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CHECKPOINT = ASSETS / "toyworld.safetensors"
+CLIPN_CHECKPOINT = ASSETS / "toyworld-clipn.safetensors"
+"""CLIPN's "no" side trained on the toy world's captions from the shipped CLIP (``vlmood train clipn``)."""
 ARCH = "vlmood-toyworld"
 NAME = "toyworld"
 
