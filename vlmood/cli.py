@@ -6,6 +6,7 @@ import csv
 import io
 import math
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +26,28 @@ class _StoreOnce(argparse.Action):
             parser.error(f"{option_string} given twice ({seen[self.dest]!r} and {values!r}); give it once")
         seen[self.dest] = values
         setattr(namespace, self.dest, values)
+
+
+class _BoolOnce(argparse.BooleanOptionalAction):
+    """``--X`` / ``--no-X`` (default None: automatic), given at most once: ``--progress --no-progress`` is refused
+    rather than the later one silently winning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        seen = namespace.__dict__.setdefault("_given_once", {})
+        if self.dest in seen:
+            parser.error(f"{option_string} given after {seen[self.dest]}; give one of them once")
+        seen[self.dest] = option_string
+        super().__call__(parser, namespace, values, option_string)
+
+
+TRAIN_METHODS = ("coop", "locoop", "clipn")
+CLIPN_ON_ERROR = ("skip", "error")
+_PROMPT_ONLY = ("--train", "--classes", "--shots", "--n-ctx", "--init", "--csc", "--lam", "--top-k", "--views",
+                "--on-missing")
+"""``train`` options of prompt learning (coop, locoop) only."""
+_CLIPN_ONLY = ("--data", "--caption-column", "--image-column", "--split", "--weight-decay", "--warmup-steps",
+               "--n-no-prompts", "--grad-clip", "--grad-checkpointing", "--on-error")
+"""``train`` options of clipn only."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", metavar="FILE",
                    help="learned prompts from `vlmood train` (.safetensors): the ID class embeddings come from them "
                         "instead of --templates (NegLabel/CSP: the ID side only)")
+    s.add_argument("--no", metavar="FILE",
+                   help="CLIPN's trained no side for the clipn methods: the file `vlmood train clipn` wrote, or a "
+                        "reference checkpoint of xmed-lab/CLIPN, trained on --model (default: the one vlmood ships, "
+                        "for the toy-world model only)")
     s.add_argument("--threshold", type=_finite, default=None,
                    help="scores below this (and NaN scores) are flagged is_ood=1 (omit: no is_ood column values)")
     s.add_argument("--out", required=True, metavar="CSV", help="output CSV path")
@@ -114,8 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt templates of the zero-shot methods (default: each method's own)")
     v.add_argument("--prompts", metavar="FILE",
                    help="learned prompts from `vlmood train`: every method in --methods is also scored with them, "
-                        "in the same image pass, as METHOD+LEARNER (e.g. glmcm+locoop) beside the zero-shot METHOD; "
+                        "in the same image pass, as METHOD+LEARNER (e.g. glmcm+locoop) beside the zero-shot METHOD "
+                        "(not the clipn methods, whose text side is the templates of their two towers); "
                         "--classes may then be omitted (the prompts' classes are used; given, they must be equal)")
+    v.add_argument("--no", metavar="FILE",
+                   help="CLIPN's trained no side for the clipn methods: the file `vlmood train clipn` wrote, or a "
+                        "reference checkpoint of xmed-lab/CLIPN, trained on --model (default: the one vlmood ships, "
+                        "for the toy-world model only)")
     v.add_argument("--no-zero-shot", action="store_true",
                    help="with --prompts: score only the learned variants, not the zero-shot methods")
     v.add_argument("--report", required=True, metavar="DIR", help="output folder")
@@ -126,49 +158,85 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
 
     t = sub.add_parser(
-        "train", help="few-shot prompt learning (CoOp, LoCoOp): learn prompts for the ID classes",
-        description="Learn the prompt context of a frozen CLIP from SHOTS labelled images per ID class and write it "
-                    "to --out, for `vlmood score/eval --prompts`. coop: CoOp (Zhou et al., IJCV 2022), cross-entropy "
-                    "on the global image feature; locoop: LoCoOp (Miyai et al., NeurIPS 2023), plus --lam times the "
-                    "entropy-maximisation term on ID-irrelevant patches (needs local features: an open_clip ViT or "
-                    "ModifiedResNet). Each augmented view is encoded once (--views per image) and reused across "
-                    "epochs. The run folder (--run-dir) holds checkpoint.pt (after every epoch), log.jsonl and "
-                    "sample.json; --resume continues an interrupted run with the same arguments.")
-    t.add_argument("method", choices=("coop", "locoop"), help="coop or locoop")
+        "train", help="train a method's learned part: prompts (CoOp, LoCoOp) or CLIPN's 'no' text tower",
+        description="coop, locoop: learn the prompt context of a frozen CLIP from SHOTS labelled images per ID class "
+                    "(--train, --classes) and write it to --out, for `vlmood score/eval --prompts`. coop: CoOp (Zhou "
+                    "et al., IJCV 2022), cross-entropy on the global image feature; locoop: LoCoOp (Miyai et al., "
+                    "NeurIPS 2023), plus --lam times the entropy-maximisation term on ID-irrelevant patches (needs "
+                    "local features: an open_clip ViT or ModifiedResNet). Each augmented view is encoded once (--views "
+                    "per image) and reused across epochs. clipn: CLIPN (Wang et al., ICCV 2023), a 'no' text tower "
+                    "and no prompts trained on image-caption pairs (--data) beside the frozen CLIP, written to --out "
+                    "for `vlmood score/eval --no`; each image and caption is encoded once; several GPUs or processes "
+                    "through torchrun. The run folder (--run-dir) holds checkpoint.pt and log.jsonl (coop/locoop: "
+                    "also sample.json); --resume continues an interrupted run with the same arguments.")
+    t.add_argument("method", choices=TRAIN_METHODS, help="coop, locoop or clipn")
     _add_model_args(t)
-    t.add_argument("--train", required=True, metavar="SOURCE",
-                   help="labelled training images: an ImageFolder folder (a subfolder per class), a manifest with a "
-                        "label column, or hf:NAME[:split]")
-    t.add_argument("--classes", required=True, metavar="FILE_OR_LIST",
-                   help="ID class names, in the order the prompts keep (file, bundled list, or 'cat,dog')")
-    t.add_argument("--shots", type=int, default=16, help="training images per class, sampled with --seed (default 16)")
-    t.add_argument("--epochs", type=int, default=50, help="epochs (default 50, as the reference)")
-    t.add_argument("--out", required=True, metavar="FILE", help="learned prompts file to write (.safetensors)")
-    t.add_argument("--n-ctx", type=int, default=None,
-                   help="context tokens (default 16; with --init, the phrase's token count)")
-    t.add_argument("--init", default=None, metavar="PHRASE",
-                   help="initialise the context from a phrase such as 'a photo of a' (default: random N(0, 0.02))")
-    t.add_argument("--csc", action="store_true", help="class-specific context (one context per class)")
-    t.add_argument("--lam", type=_finite, default=None, help="locoop: weight of the entropy term (default 0.25)")
-    t.add_argument("--top-k", type=int, default=None,
-                   help="locoop: a patch is ID-irrelevant when its label is not among its top K classes "
-                        "(default: 200 per 1000 classes, at least 1)")
-    t.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    t.add_argument("--lr", type=_finite, default=0.002,
-                   help="SGD learning rate (default 0.002; cosine schedule after 1 warmup epoch at 1e-5)")
-    t.add_argument("--views", type=int, default=8, help="augmented views encoded per training image (default 8)")
+    t.add_argument("--out", required=True, metavar="FILE",
+                   help="file to write (.safetensors): the learned prompts (coop/locoop) or CLIPN's no side (clipn)")
+    t.add_argument("--epochs", type=int, default=None, help="epochs (default: 50 for coop/locoop, 10 for clipn, as "
+                                                            "the references)")
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="batch size (default: 32 for coop/locoop; 512 pairs per process for clipn)")
+    t.add_argument("--lr", type=_finite, default=None,
+                   help="learning rate (coop/locoop: SGD, default 0.002, cosine schedule after 1 warmup epoch at "
+                        "1e-5; clipn: AdamW, default 3e-4, cosine schedule after --warmup-steps)")
     t.add_argument("--seed", type=int, default=0,
-                   help="seeds the few-shot sample, the context, the augmentations and the order (default 0)")
+                   help="seeds the few-shot sample, the context, the augmentations and the order (clipn: the order "
+                        "and the prompt choices) (default 0)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     t.add_argument("--run-dir", default=None, metavar="DIR",
-                   help="run folder: checkpoint, log.jsonl, sample.json (default: --out with the suffix .run)")
-    t.add_argument("--on-missing", choices=("error", "use-all"), default="error",
+                   help="run folder: checkpoint, log.jsonl (coop/locoop: sample.json) (default: --out with the "
+                        "suffix .run)")
+    t.add_argument("--progress", action=_BoolOnce, default=None,
+                   help="progress bars (default: when the output is a terminal)")
+    c = t.add_argument_group("coop and locoop")
+    c.add_argument("--train", metavar="SOURCE",
+                   help="labelled training images (required): an ImageFolder folder (a subfolder per class), a "
+                        "manifest with a label column, or hf:NAME[:split]")
+    c.add_argument("--classes", metavar="FILE_OR_LIST",
+                   help="ID class names, in the order the prompts keep (required; file, bundled list, or 'cat,dog')")
+    c.add_argument("--shots", type=int, default=None,
+                   help="training images per class, sampled with --seed (default 16)")
+    c.add_argument("--n-ctx", type=int, default=None,
+                   help="context tokens (default 16; with --init, the phrase's token count)")
+    c.add_argument("--init", default=None, metavar="PHRASE",
+                   help="initialise the context from a phrase such as 'a photo of a' (default: random N(0, 0.02))")
+    c.add_argument("--csc", action="store_true", help="class-specific context (one context per class)")
+    c.add_argument("--lam", type=_finite, default=None, help="locoop: weight of the entropy term (default 0.25)")
+    c.add_argument("--top-k", type=int, default=None,
+                   help="locoop: a patch is ID-irrelevant when its label is not among its top K classes "
+                        "(default: 200 per 1000 classes, at least 1)")
+    c.add_argument("--views", type=int, default=None,
+                   help="augmented views encoded per training image (default 8)")
+    c.add_argument("--on-missing", choices=("error", "use-all"), default=None,
                    help="a class with fewer than --shots images: stop (error, default) or train on all it has")
+    n_ = t.add_argument_group("clipn")
+    n_.add_argument("--data", metavar="SOURCE",
+                    help="image-caption pairs (required): a CSV/TSV manifest with an image-path column and a caption "
+                         "column, webdataset-style .tar shards (a path, glob or {a..b} pattern), or hf:NAME[:split]")
+    n_.add_argument("--caption-column", default=None, metavar="NAME",
+                    help="caption column of a manifest or dataset (default caption)")
+    n_.add_argument("--image-column", default=None, metavar="NAME",
+                    help="image column of a manifest or dataset (default image; manifests also find path, file...)")
+    n_.add_argument("--split", default=None, help="split of a Hugging Face dataset (hf:NAME)")
+    n_.add_argument("--weight-decay", type=_finite, default=None,
+                    help="AdamW weight decay (default 0.2; not on biases, norms and gains)")
+    n_.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default 0)")
+    n_.add_argument("--n-no-prompts", type=int, default=None, metavar="K",
+                    help="learnable 'no' prompts (default 16); each caption trains with one of them or their mean")
+    n_.add_argument("--grad-clip", type=_finite, default=None, metavar="NORM",
+                    help="clip the gradient norm to NORM (default: no clipping, as the reference)")
+    n_.add_argument("--grad-checkpointing", action="store_true",
+                    help="recompute the no tower's activations in the backward pass (less memory, slower)")
+    n_.add_argument("--on-error", choices=CLIPN_ON_ERROR, default=None,
+                    help="unreadable training images: leave their pairs out, counted in the log (skip, default) or "
+                         "stop (error)")
 
     dm = sub.add_parser("demo", help="zero-shot OOD detection in the toy world with every detector (offline)",
-                        description="Runs MCM, GL-MCM, Energy, MaxLogit, NegLabel and CSP with the shipped toy-world "
-                                    "CLIP on generated images (6 ID shapes vs 6 other shapes and empty backgrounds) "
-                                    "and writes the report.")
+                        description="Runs MCM, GL-MCM, Energy, MaxLogit, NegLabel, CSP, CLIPN-CTW and CLIPN-ATD "
+                                    "with the shipped toy-world CLIP (and its shipped CLIPN no side) on generated "
+                                    "images (6 ID shapes vs 6 other shapes and empty backgrounds) and writes the "
+                                    "report.")
     dm.add_argument("--report", default="vlmood-demo", metavar="DIR", help="output folder (default vlmood-demo)")
     dm.add_argument("--n", type=int, default=300, help="images per set (default 300)")
     dm.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -278,10 +346,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     # cheap checks first: arguments, then paths, then the model (a typo should not wait for a model to load)
     _check_counts(args)
-    _require_nonempty(args, "--images", "--classes", "--templates", "--prompts")
+    _require_nonempty(args, "--images", "--classes", "--templates", "--prompts", "--no")
     spec = parse_spec(args.model)
     if args.prompts is not None and args.templates is not None:
         raise _UsageError("--templates and --prompts exclude each other: learned prompts replace the templates")
+    clipn = _clipn_methods([args.method])
+    if clipn and args.prompts is not None:
+        raise _UsageError("--prompts (learned prompts) do not apply to CLIPN, whose text side is the templates of "
+                          "its yes and no towers: drop --prompts (its no side is --no FILE)")
+    _check_no(args, spec, clipn, f"--method {args.method}")
     learned = _load_prompts(args)
     classes = load_classes(args.classes) if args.classes is not None else None
     if learned is not None:
@@ -294,7 +367,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise _UsageError(f"--out {printable(args.out)} is the --images manifest itself; it would be overwritten")
     items = list_images(args.images)
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
-    det = make_detector(args.method, encoder, classes, templates=templates, prompts=learned)
+    extra = {"no": _load_no(args, encoder)} if clipn else {}
+    det = make_detector(args.method, encoder, classes, templates=templates, prompts=learned, **extra)
     if det.needs_local:
         encoder.require_local()
     det.fit()
@@ -337,6 +411,61 @@ def _load_prompts(args: argparse.Namespace) -> Any:
     from .tuning import LearnedPrompts
 
     return LearnedPrompts.load(args.prompts)
+
+
+def _clipn_methods(methods: Sequence[str]) -> list[str]:
+    """The CLIPN methods (``clipn``, ``clipnctw``, ``clipnatd``) among canonical method names."""
+    from .detectors import DETECTORS, CLIPN
+
+    return [m for m in methods if issubclass(DETECTORS[m], CLIPN)]
+
+
+def _check_no(args: argparse.Namespace, spec: Any, clipn: Sequence[str], flag: str) -> None:
+    """``--no`` before the model loads: only with a clipn method; an existing file (a safetensors file must hold
+    ``prompt_no``); without it, only for the toy-world model, whose no side ships with vlmood."""
+    if args.no is not None and not clipn:
+        raise _UsageError(f"--no FILE is CLIPN's no side, used only by the clipn methods (clipn, clipn-ctw, "
+                          f"clipn-atd), and {flag} has none: drop --no or score with a clipn method")
+    if args.no is not None:
+        path = Path(os.path.expanduser(args.no))
+        if not path.is_file():
+            raise _UsageError(f"--no {printable(args.no)}: " + ("is a folder; give the CLIPN file" if path.is_dir()
+                                                                else "CLIPN file not found"))
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys = set(f.keys())
+            except Exception as e:  # noqa: BLE001 - any unreadable file: one line
+                first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                raise _UsageError(f"--no {printable(args.no)} is not a readable safetensors file "
+                                  f"({printable(first[:200])})") from None
+            if "prompt_no" not in keys:
+                raise _UsageError(f"--no {printable(args.no)} is not a CLIPN file (it has no 'prompt_no' tensor); "
+                                  "give the file `vlmood train clipn` wrote, or a reference checkpoint")
+    elif clipn:
+        from .toyworld import model as toy
+
+        if spec.name != toy.ARCH or not toy.CLIPN_CHECKPOINT.is_file():
+            raise _UsageError(f"the clipn methods need --no FILE, CLIPN's trained no side for {spec} (written by "
+                              "`vlmood train clipn`, or a reference checkpoint of xmed-lab/CLIPN); vlmood ships one "
+                              "only for the toy-world model")
+
+
+def _load_no(args: argparse.Namespace, encoder: Any) -> Any:
+    """The ``--no`` file as a :class:`vlmood.clipn.CLIPNModel` on ``encoder`` (loaded once for every clipn
+    detector), or None (the detectors then use the shipped no side). A file of another base model is a usage
+    error (exit 2), not a failure of the environment."""
+    if args.no is None:
+        return None
+    from .clipn.model import CLIPNModel
+    from .errors import CheckpointMismatchError
+
+    try:
+        return CLIPNModel.load(os.path.expanduser(args.no), encoder=encoder)
+    except CheckpointMismatchError as e:
+        raise _UsageError(str(e)) from None
 
 
 def _learned_label(method: str, prompts: Any) -> str:
@@ -392,8 +521,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _check_counts(args)
     methods = _parse_methods(args.methods)
-    _require_nonempty(args, "--suite", "--root", "--classes", "--id", "--templates", "--prompts")
+    _require_nonempty(args, "--suite", "--root", "--classes", "--id", "--templates", "--prompts", "--no")
     spec = parse_spec(args.model)
+    clipn = _clipn_methods(methods)
+    _check_no(args, spec, clipn, f"--methods {args.methods}")
+    if args.no_zero_shot and clipn:
+        raise _UsageError(f"--no-zero-shot keeps only the methods scored with --prompts, and the clipn methods "
+                          f"({', '.join(clipn)}) take no learned prompts: drop them from --methods, or drop "
+                          "--no-zero-shot")
     if args.no_zero_shot and args.prompts is None:
         raise _UsageError("--no-zero-shot drops the zero-shot methods in favour of --prompts FILE; give --prompts")
     if args.no_zero_shot and args.templates is not None:
@@ -427,9 +562,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _check_not_inside(args.report, [bench.id, *(src for g in bench.ood.values() for src in g.values())])
     bench.open_sources()  # every folder, glob and manifest is scanned before the model loads
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
-    detectors: dict[str, Any] = {} if args.no_zero_shot else {m: m for m in methods}
+    no = _load_no(args, encoder)
+    detectors: dict[str, Any] = {} if args.no_zero_shot else {
+        m: {"method": m, "no": no} if m in clipn else m for m in methods}
     if learned is not None:
-        detectors.update({_learned_label(m, learned): {"method": m, "prompts": learned} for m in methods})
+        detectors.update({_learned_label(m, learned): {"method": m, "prompts": learned}
+                          for m in methods if m not in clipn})
     report = bench.run(encoder, detectors, cache=not args.no_cache, batch_size=args.batch_size,
                        num_workers=args.workers)
     paths = report.save(args.report)
@@ -438,7 +576,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    """Whether ``flag`` was given (method-specific ``train`` options default to None, or False for switches)."""
+    value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+    return value is not None and value is not False
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    """``vlmood train coop|locoop|clipn``: refuse the other family's options, then train."""
+    clipn = args.method == "clipn"
+    foreign = [f for f in (_PROMPT_ONLY if clipn else _CLIPN_ONLY) if _given(args, f)]
+    if foreign:
+        them = "them" if len(foreign) > 1 else "it"
+        if clipn:
+            raise _UsageError(f"{', '.join(foreign)} {'are options' if len(foreign) > 1 else 'is an option'} of "
+                              f"prompt learning (coop, locoop); clipn trains on image-caption pairs (--data): drop "
+                              f"{them}")
+        raise _UsageError(f"{', '.join(foreign)} {'are options' if len(foreign) > 1 else 'is an option'} of clipn "
+                          f"training; {args.method} learns prompts from labelled images (--train, --classes): drop "
+                          f"{them}")
+    return _train_clipn(args) if clipn else _train_prompts(args)
+
+
+def _train_prompts(args: argparse.Namespace) -> int:
+    """``vlmood train coop|locoop``: learned prompts from a few labelled images per class."""
     import numpy as np
 
     from .data import as_source, map_labels
@@ -447,6 +608,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .tuning import CoOp, LoCoOp
     from .tuning.trainer import CHECKPOINT, LOG
 
+    missing = [f"{f} {m}" for f, m in (("--train", "SOURCE"), ("--classes", "FILE_OR_LIST")) if not _given(args, f)]
+    if missing:
+        raise _UsageError(f"train {args.method} needs {' and '.join(missing)}")
+    for name, default in (("shots", 16), ("epochs", 50), ("batch_size", 32), ("lr", 0.002), ("views", 8),
+                          ("on_missing", "error")):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     # cheap checks first: arguments, then paths and the training set's labels, then the model
     for flag, value, least in (("--shots", args.shots, 1), ("--epochs", args.epochs, 1), ("--n-ctx", args.n_ctx, 1),
                                ("--top-k", args.top_k, 1), ("--batch-size", args.batch_size, 1),
@@ -495,7 +663,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         hyper.update({k: v for k, v in (("lam", args.lam), ("top_k", args.top_k)) if v is not None})
     trainer = (LoCoOp if args.method == "locoop" else CoOp)(encoder, classes, **hyper)
     prompts = trainer.fit(src, shots=args.shots, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          views=args.views, out=run, resume=args.resume, on_missing=args.on_missing.replace("-", "_"))
+                          views=args.views, out=run, resume=args.resume, on_missing=args.on_missing.replace("-", "_"),
+                          progress=args.progress)
     prompts.save(out)
     log = prompts.meta.get("log", {})
     loss, acc = log.get("final_loss"), log.get("final_acc")
@@ -505,6 +674,108 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {printable(str(out))}; log {printable(str(run / LOG))}; checkpoint "
           f"{printable(str(run / CHECKPOINT))}")
     return 0
+
+
+def _train_clipn(args: argparse.Namespace) -> int:
+    """``vlmood train clipn``: CLIPN's no side on image-caption pairs; under torchrun (``WORLD_SIZE`` > 1) one
+    process per device, rank 0 printing and writing ``--out``."""
+    from .clipn.pairs import as_pairs
+    from .clipn.trainer import CHECKPOINT, LOG, CLIPNTrainer, init_distributed
+    from .encoders import load_encoder, parse_spec
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0) if world > 1 else 0
+    if rank != 0:  # one voice: the other processes' warnings repeat rank 0's (errors are still printed)
+        warnings.simplefilter("ignore")
+    if args.data is None:
+        raise _UsageError("train clipn needs --data SOURCE (image-caption pairs: a CSV/TSV manifest, .tar shards or "
+                          "hf:NAME)")
+    for name, default in (("epochs", 10), ("batch_size", 512), ("lr", 3e-4), ("weight_decay", 0.2),
+                          ("warmup_steps", 0), ("n_no_prompts", 16), ("on_error", "skip")):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    # cheap checks first: arguments, then paths, then the pairs (read, not decoded), then the model
+    for flag, value, least in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                               ("--n-no-prompts", args.n_no_prompts, 1), ("--warmup-steps", args.warmup_steps, 0),
+                               ("--seed", args.seed, 0)):
+        if value < least:
+            raise _UsageError(f"{flag} must be >= {least}, got {value}")
+    for flag, value, zero in (("--lr", args.lr, False), ("--weight-decay", args.weight_decay, True),
+                              ("--grad-clip", args.grad_clip, False)):
+        if value is not None and (value < 0 or (value == 0 and not zero)):
+            raise _UsageError(f"{flag} must be {'>= 0' if zero else '> 0'}, got {value}")
+    _require_nonempty(args, "--data", "--caption-column", "--image-column", "--split", "--run-dir")
+    data = args.data
+    hf = data.startswith("hf:")
+    tar = not hf and data.lower().endswith(".tar")
+    if args.split is not None and not hf:
+        raise _UsageError(f"--split chooses a split of a Hugging Face dataset (--data hf:NAME); --data "
+                          f"{printable(data)} is not one: drop --split")
+    columns = [f for f in ("--caption-column", "--image-column") if _given(args, f)]
+    if tar and columns:
+        raise _UsageError(f"{' and '.join(columns)} name{'s' if len(columns) == 1 else ''} manifest or dataset "
+                          "columns; .tar shards hold each sample's caption in KEY.txt (or KEY.json): drop "
+                          f"{'them' if len(columns) > 1 else 'it'}")
+    if not hf and not any(ch in data for ch in "*?[{") and not os.path.exists(os.path.expanduser(data)):
+        raise _UsageError(f"--data {printable(data)} not found")
+    spec = parse_spec(args.model)
+    if spec.backend != "open_clip":
+        raise _UsageError(f"CLIPN needs an open_clip model with a causal text tower; {spec} is a Hugging Face "
+                          "transformers model")
+    out = _check_output_file(args.out, "--out")
+    if out.suffix != ".safetensors":
+        raise _UsageError(f"--out {printable(args.out)} must end in .safetensors (the CLIPN file format)")
+    run = _check_output_dir(args.run_dir if args.run_dir is not None else str(out.with_suffix(".run")), "--run-dir")
+    if os.path.abspath(run) == os.path.abspath(out):
+        raise _UsageError(f"--run-dir {printable(str(run))} is --out itself; give another --run-dir")
+    if (run / CHECKPOINT).is_file() and not args.resume:
+        raise _UsageError(f"--run-dir {printable(str(run))} already holds a run ({CHECKPOINT}); pass --resume to "
+                          "continue it, or choose another --run-dir (or --out)")
+    pairs = as_pairs(data, caption_column=args.caption_column or "caption", image_column=args.image_column or "image",
+                     split=args.split)
+    rank, world = init_distributed(args.device)
+    try:
+        encoder = load_encoder(spec, device=args.device, precision=args.precision)
+        trainer = CLIPNTrainer(encoder, n_prompts=args.n_no_prompts, lr=args.lr, weight_decay=args.weight_decay,
+                               warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
+                               grad_checkpointing=args.grad_checkpointing, seed=args.seed)
+        model = trainer.fit(pairs, epochs=args.epochs, batch_size=args.batch_size, out=run, resume=args.resume,
+                            progress=args.progress, on_error=args.on_error)
+        if rank != 0:
+            return 0
+        out.parent.mkdir(parents=True, exist_ok=True)  # --run-dir may live elsewhere
+        model.save(out)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    print(_clipn_summary(model.meta, args.epochs))
+    print(f"wrote {printable(str(out))}; log {printable(str(run / LOG))}; checkpoint "
+          f"{printable(str(run / CHECKPOINT))}")
+    no, model_arg = printable(shlex.quote(str(out))), printable(shlex.quote(args.model))
+    print(f"use it: vlmood score --model {model_arg} --method clipn --no {no} --classes ... --images ... --out "
+          f"scores.csv; vlmood eval --model {model_arg} --methods clipn-ctw,clipn-atd --no {no} --classes ... --id "
+          "... --ood ... --report DIR")
+    return 0
+
+
+def _clipn_summary(meta: dict[str, Any], epochs: int) -> str:
+    """One line: pairs used, skipped (by reason) and truncated; steps; the last epoch's mean loss and its parts."""
+    data, final = meta.get("data", {}), meta.get("final", {})
+    skipped = data.get("skipped") or {}
+    n_skipped = sum(skipped.values())
+    why = f" ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if n_skipped else ""
+
+    def num(key: str) -> str:
+        v = final.get(key)
+        return "n/a" if v is None else f"{v:.4f}"
+
+    return (f"trained clipn on {data.get('pairs')} pair(s), skipped {n_skipped}{why}, {data.get('truncated', 0)} "
+            f"caption(s) truncated; {epochs} epoch(s), {meta.get('steps')} step(s) of {meta.get('batch_size')} x "
+            f"{meta.get('world_size', 1)} process(es): last-epoch loss {num('loss')} (bin_yes {num('bin_yes')}, "
+            f"bin_no {num('bin_no')}, tso {num('tso')})")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -647,7 +918,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"vlmood {args.command}: interrupted ({how})", file=sys.stderr)
             return 130
         except ImageLoadError as e:
-            hint = " (use --on-error skip to go on)" if hasattr(args, "on_error") else ""  # only where it exists
+            hint = (" (use --on-error skip to go on)" if getattr(args, "on_error", None) is not None
+                    else "")  # only where the option exists (train coop/locoop has none)
             print(f"vlmood {args.command}: error: {printable(str(e))}{hint}", file=sys.stderr)
             return 1
         except (EncoderLoadError, WorkerKilledError) as e:  # the environment failed, not the arguments

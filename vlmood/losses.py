@@ -192,8 +192,14 @@ def clipn_loss(
                 or not math.isfinite(float(logit_scale)) or float(logit_scale) <= 0:
             raise InvalidInputError(f"logit_scale must be a finite number > 0 (the exponentiated scale), got "
                                     f"{logit_scale!r}")
+    if isinstance(logit_scale, torch.Tensor) and (logit_scale.numel() != 1 or not logit_scale.is_floating_point()
+                                                  or not bool(torch.isfinite(logit_scale).all())
+                                                  or float(logit_scale.detach().reshape(())) <= 0):
+        raise InvalidInputError(f"logit_scale must be a finite scalar > 0 (the exponentiated scale), got a "
+                                f"{logit_scale.dtype} tensor of shape {tuple(logit_scale.shape)}"
+                                + (f" = {float(logit_scale.detach().reshape(()))}" if logit_scale.numel() == 1 else ""))
     x, t, u = _upcast(image_features), _upcast(text_features), _upcast(text_features_no)
-    scale = logit_scale if not isinstance(logit_scale, torch.Tensor) else _upcast(logit_scale).to(x.device)
+    scale = logit_scale if not isinstance(logit_scale, torch.Tensor) else _upcast(logit_scale.reshape(())).to(x.device)
     yes = scale * x @ t.T  # [N, N] logits of "this is <caption j>"
     no = scale * x @ u.T  # [N, N] logits of "this is not <caption j>"
     eye = torch.eye(n, dtype=torch.bool, device=x.device)

@@ -5,5 +5,8 @@ scores are the pure kernels :func:`vlmood.losses.clipn_loss`, :func:`vlmood.scor
 from __future__ import annotations
 
 from .model import MEAN_PROMPT, NUM_NO_PROMPTS, CLIPNModel, NoTextEncoder, NoTower
+from .pairs import PairSource, as_pairs
+from .trainer import CLIPNTrainer
 
-__all__ = ["CLIPNModel", "MEAN_PROMPT", "NUM_NO_PROMPTS", "NoTextEncoder", "NoTower"]
+__all__ = ["CLIPNModel", "CLIPNTrainer", "MEAN_PROMPT", "NUM_NO_PROMPTS", "NoTextEncoder", "NoTower", "PairSource",
+           "as_pairs"]

@@ -190,7 +190,11 @@ class CLIPNModel:
         """Write the no side and metadata to ``path`` (safetensors; written to a temporary file, then renamed)."""
         from safetensors.torch import save_file
 
+        from safetensors import SafetensorError
+
         path = Path(path)
+        if not path.parent.is_dir():
+            raise InvalidInputError(f"cannot write {printable(str(path))}: its folder does not exist")
         meta = {"encoder": {"spec": str(self.encoder.spec), "fingerprint": self.encoder.fingerprint},
                 "n_prompts": self.no.n_prompts, **{k: v for k, v in self.meta.items() if k != "encoder"}}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -198,9 +202,10 @@ class CLIPNModel:
             save_file(self.state_dict_no(), str(tmp),
                       metadata={"format": FORMAT, "version": VERSION, "meta": json.dumps(meta)})
             os.replace(tmp, path)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
             tmp.unlink(missing_ok=True)
-            raise InvalidInputError(f"cannot write {printable(str(path))}: {e.strerror or e}") from e
+            why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InvalidInputError(f"cannot write {printable(str(path))}: {why}") from e
         finally:
             tmp.unlink(missing_ok=True)
         return path
@@ -257,12 +262,17 @@ class CLIPNModel:
             encoder = load_encoder(f"open_clip:{arch}@{path}", device=device, precision=precision)
         else:
             base = {k: v for k, v in sd.items() if not is_no_key(k)}
-            theirs = f"{encoder.spec.backend}:{arch}:{hash_state_dict(base)}"
             own = encoder.model.state_dict()
             same = set(own) == set(base) and all(
-                own[k].shape == base[k].shape and torch.equal(own[k].detach().cpu().to(base[k].dtype), base[k])
+                own[k].shape == base[k].shape and torch.equal(own[k].detach().cpu(), base[k].to(own[k].dtype))
                 for k in own)
-            if not same:
+            if not base:  # only the no side, without vlmood's record of its base: nothing to check it against
+                raise CheckpointMismatchError(
+                    f"{printable(str(path))} holds only CLIPN's no side and no record of the base CLIP it was trained "
+                    f"on, so it cannot be checked against {encoder.spec}; use the full reference checkpoint or a file "
+                    "written by CLIPNModel.save (which records the base encoder)")
+            elif not same:
+                theirs = f"{encoder.spec.backend}:{arch}:{hash_state_dict(base)}"
                 raise CheckpointMismatchError(
                     f"{printable(str(path))} holds another base CLIP (fingerprint {theirs}) than the encoder given, "
                     f"{encoder.spec} (fingerprint {encoder.fingerprint}); pass encoder=None to load its own")

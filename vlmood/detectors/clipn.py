@@ -51,7 +51,7 @@ def _resolve_model(encoder_or_model: Any, no: Any) -> "CLIPNModel":
             raise InvalidInputError(f"the CLIPN model was trained on {no.encoder.spec}, not on {enc.spec}")
         return no
     if isinstance(no, (str, os.PathLike)):
-        return CLIPNModel.load(no, encoder=enc)
+        return CLIPNModel.load(no, encoder=enc, arch=enc.spec.name)
     if no is not None:
         raise InvalidInputError(f"no= must be a CLIPNModel or the path of a CLIPN file, got {type(no).__name__}")
     shipped = shipped_no_side(enc)

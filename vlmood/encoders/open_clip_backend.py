@@ -51,7 +51,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EncoderLoadError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        first = (str(e).strip().splitlines() or [""])[0]  # torch explains unpickling failures over many lines
+        raise EncoderLoadError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from e
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

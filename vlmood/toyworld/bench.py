@@ -39,7 +39,9 @@ def benchmark(n: int = 300, seed: int = 2024):
 
 
 def demo_detectors() -> dict[str, Any]:
-    """Every detector, configured for the world (NegLabel/CSP mine from the world's lexicon)."""
+    """Every detector, configured for the world (NegLabel/CSP mine from the world's lexicon; CLIPN's CTW and ATD
+    use the no side that ships for the world's CLIP, ``assets/toyworld-clipn.safetensors``, with the world's prompt
+    ``a photo of a {}``)."""
     from . import lexicon_dir
 
     lex = str(lexicon_dir())
@@ -50,4 +52,6 @@ def demo_detectors() -> dict[str, Any]:
         "neglabel": {"method": "neglabel", **common},
         "neglabel (no shape nouns)": {"method": "neglabel", **common, "lexicon": no_shapes},
         "csp": {"method": "csp", **common},
+        "clipn-ctw": {"method": "clipn", "templates": "simple"},
+        "clipn-atd": {"method": "clipnatd", "templates": "simple"},
     }

@@ -440,14 +440,14 @@ class PromptTrainer:
 
 
 def _differing(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The fields in which two run signatures differ, sorted; inside ``encoder`` by sub-field
-    (``encoder.precision``)."""
+    """The fields in which two run signatures differ, sorted; inside a dict field by sub-field
+    (``encoder.precision``, ``hyperparameters.seed``)."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if a == b:
             continue
-        if k == "encoder" and isinstance(a, dict) and isinstance(b, dict):
+        if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{k}.{sub}" for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
         else:
             out.append(k)
