@@ -91,7 +91,10 @@ def init_distributed(device: str | None = None) -> tuple[int, int]:
     (``(0, 1)``). Each process uses GPU ``LOCAL_RANK`` when there are GPUs."""
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    raw = os.environ.get("WORLD_SIZE", "1") or "1"
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise InvalidInputError(f"WORLD_SIZE must be a positive integer (torchrun sets it), got {raw!r}")
+    world = int(raw)
     if world <= 1:
         return 0, 1
     if dist.is_initialized():
