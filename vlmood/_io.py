@@ -49,3 +49,31 @@ def printable(text: str) -> str:
     except UnicodeEncodeError:  # a surrogate outside U+DC80..U+DCFF: not an escaped byte
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return raw.decode("utf-8", "backslashreplace")
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (and string ``metadata``) as a safetensors file, atomically: a temporary file in the same
+    folder, then a rename; on any failure (a full disk, an interrupt) the temporary file is removed and ``path`` is
+    unchanged. The file gets the usual permissions (``0666`` less the umask): ``safetensors``' own ``save_file``
+    creates owner-only (``0600``) files. Raises ``OSError`` (and ``safetensors``' errors for bad tensors).
+    """
+    import uuid
+
+    from safetensors.torch import save
+
+    path = Path(path)
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path

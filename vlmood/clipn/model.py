@@ -186,28 +186,27 @@ class CLIPNModel:
         """The no side's tensors under the reference's names (float32, CPU, contiguous)."""
         return {k: v.detach().float().cpu().contiguous() for k, v in self.no.state_dict().items()}
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the no side and metadata to ``path`` (safetensors; written to a temporary file, then renamed)."""
-        from safetensors.torch import save_file
+    def save(self, path: str | os.PathLike, encoder_spec: str | None = None) -> Path:
+        """Write the no side and metadata to ``path`` (safetensors; a temporary file, then renamed).
 
+        ``encoder_spec``: the spec to record for the base encoder, when ``str(encoder.spec)`` is not how others
+        should load it (e.g. ``"toyworld"`` rather than the absolute path of the installed weights).
+        """
         from safetensors import SafetensorError
+
+        from .._io import save_safetensors
 
         path = Path(path)
         if not path.parent.is_dir():
             raise InvalidInputError(f"cannot write {printable(str(path))}: its folder does not exist")
-        meta = {"encoder": {"spec": str(self.encoder.spec), "fingerprint": self.encoder.fingerprint},
+        meta = {"encoder": {"spec": encoder_spec or str(self.encoder.spec), "fingerprint": self.encoder.fingerprint},
                 "n_prompts": self.no.n_prompts, **{k: v for k, v in self.meta.items() if k != "encoder"}}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            save_file(self.state_dict_no(), str(tmp),
-                      metadata={"format": FORMAT, "version": VERSION, "meta": json.dumps(meta)})
-            os.replace(tmp, path)
+            save_safetensors(self.state_dict_no(), path,
+                             metadata={"format": FORMAT, "version": VERSION, "meta": json.dumps(meta)})
         except (OSError, SafetensorError) as e:
-            tmp.unlink(missing_ok=True)
             why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise InvalidInputError(f"cannot write {printable(str(path))}: {why}") from e
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -313,13 +313,9 @@ class OpenCLIPEncoder(Encoder):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model's weights to ``path`` (safetensors); load back with ``open_clip:ARCH@path``."""
-        from safetensors.torch import save_file
+        from .._io import save_safetensors
 
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(sd, str(tmp), metadata={"vlmood_arch": self.spec.name})
-        os.replace(tmp, path)
+        save_safetensors(dict(self.model.state_dict()), path, metadata={"vlmood_arch": self.spec.name})
 
 
 def _check_arch(open_clip, arch: str) -> None:

@@ -7,15 +7,18 @@ tagged seed keeps these pairs apart from every other toy-world set (the CLIP was
 benchmark draws from 2024..2026, the few-shot splits from ``[8, ...]``). Everything else is the reference's
 (:class:`vlmood.clipn.trainer.CLIPNTrainer` defaults: AdamW lr 3e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.2,
 cosine without warmup, 16 no prompts), at a toy scale: 4096 pairs, 10 epochs, batch 256 (160 steps).
-``benchmarks/toyworld_clipn.py`` measures the result and records the small sweep that chose ``lr`` and ``epochs``.
+``benchmarks/toyworld_clipn.py`` measures the result and records the small sweep (pairs, epochs, lr) behind it.
 
-Rebuild the shipped file (about a minute on one CPU core)::
+Rebuild the shipped file (one to two minutes on one CPU core)::
 
-    python -m vlmood.toyworld.clipn                 # writes vlmood/toyworld/assets/toyworld-clipn.safetensors (+ .json)
+    VLMOOD_CACHE=$(mktemp -d) python -m vlmood.toyworld.clipn   # writes assets/toyworld-clipn.safetensors (+ .json)
     python -m vlmood.toyworld.clipn --out my.safetensors --seed 1
 
-or from Python: ``train_clipn(out=CLIPN_CHECKPOINT)``. The result is deterministic in ``seed`` and ``data_seed`` on
-one machine (CPU, fp32); the file records the recipe (``meta["recipe"]``) and the base CLIP's fingerprint.
+or from Python: ``train_clipn(out=CLIPN_CHECKPOINT)``. The file records the recipe (``meta["recipe"]``) and the base
+CLIP's fingerprint. The result is deterministic in ``seed`` and ``data_seed`` (CPU, fp32): the shipped file was
+written from an empty feature/text cache (``VLMOOD_CACHE``) and a rebuild from an empty cache gives the same
+tensors, bit for bit. A cache that already holds some of the captions' embeddings, computed in other batches, can
+move the weights by about 1e-6 (float round-off of other batch shapes), which changes no reported metric.
 """
 from __future__ import annotations
 
@@ -25,9 +28,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .._io import printable
+from ..errors import InvalidInputError, VlmoodError
+from ..tuning.trainer import _positive_float, _positive_int
 from .model import CLIPN_CHECKPOINT
+
+if TYPE_CHECKING:
+    from ..clipn.model import CLIPNModel
 
 DATA_TAG = 9
 """First element of the training pairs' seed, ``World([DATA_TAG, data_seed])`` (the few-shot splits use 8)."""
@@ -43,6 +52,8 @@ def training_pairs(n: int = RECIPE["pairs"], data_seed: int = RECIPE["data_seed"
     from ..clipn.pairs import PairSource
     from .world import World
 
+    n, data_seed = _positive_int("pairs", n), _positive_int("data_seed", data_seed, minimum=0)
+
     arrays, captions, _ = World([DATA_TAG, data_seed]).batch(n)  # type: ignore[arg-type]
     return PairSource.from_memory([Image.fromarray(a) for a in arrays], captions,
                                   name=f"toyworld-clipn-pairs-{DATA_TAG}-{data_seed}-{n}")
@@ -50,7 +61,8 @@ def training_pairs(n: int = RECIPE["pairs"], data_seed: int = RECIPE["data_seed"
 
 def train_clipn(seed: int = RECIPE["seed"], pairs: int = RECIPE["pairs"], epochs: int = RECIPE["epochs"],
                 batch_size: int = RECIPE["batch_size"], lr: float = RECIPE["lr"], out: str | os.PathLike | None = None,
-                data_seed: int = RECIPE["data_seed"], encoder: Any = None, progress: bool | None = False):
+                data_seed: int = RECIPE["data_seed"], encoder: Any = None,
+                progress: bool | None = False) -> "CLIPNModel":
     """Train CLIPN's no side for the toy world's CLIP; returns the :class:`vlmood.clipn.CLIPNModel`.
 
     Args:
@@ -70,13 +82,23 @@ def train_clipn(seed: int = RECIPE["seed"], pairs: int = RECIPE["pairs"], epochs
 def train_clipn_logged(seed: int = RECIPE["seed"], pairs: int = RECIPE["pairs"], epochs: int = RECIPE["epochs"],
                        batch_size: int = RECIPE["batch_size"], lr: float = RECIPE["lr"],
                        out: str | os.PathLike | None = None, data_seed: int = RECIPE["data_seed"], encoder: Any = None,
-                       progress: bool | None = False) -> tuple[Any, list[dict[str, Any]]]:
+                       progress: bool | None = False) -> tuple["CLIPNModel", list[dict[str, Any]]]:
     """:func:`train_clipn` (same arguments), returning ``(model, log)``: ``log`` is the trainer's ``log_``, one
     record per step (``epoch``, ``step``, ``loss``, ``bin_yes``, ``bin_no``, ``tso``, ``lr``, ``elapsed``) plus one
     ``summary`` record per epoch."""
     from ..clipn.trainer import CLIPNTrainer
     from ..encoders import load_encoder
 
+    # refuse bad arguments and an unwritable destination before loading and training, not after
+    for name, v, least in (("seed", seed, 0), ("pairs", pairs, 1), ("epochs", epochs, 1),
+                           ("batch_size", batch_size, 1), ("data_seed", data_seed, 0)):
+        _positive_int(name, v, minimum=least)
+    _positive_float("lr", lr)
+    if out is not None:
+        folder = Path(out).expanduser().parent
+        if not folder.is_dir():
+            raise InvalidInputError(f"cannot write {printable(str(out))}: folder {printable(str(folder))} does not "
+                                    "exist")
     enc = encoder if encoder is not None else load_encoder("toyworld")
     t0 = time.perf_counter()
     src = training_pairs(pairs, data_seed)
@@ -86,9 +108,10 @@ def train_clipn_logged(seed: int = RECIPE["seed"], pairs: int = RECIPE["pairs"],
               "batch_size": batch_size, "lr": lr, "data_seed": data_seed, "data_tag": DATA_TAG}
     model.meta["recipe"] = recipe
     if out is not None:
-        path = model.save(out)
+        spec = "toyworld" if encoder is None else str(enc.spec)  # not the asset's absolute path
+        path = model.save(out, encoder_spec=spec)
         summary = {"recipe": recipe, "command": "python -m vlmood.toyworld.clipn" + _args_of(recipe),
-                   "encoder": {"spec": "toyworld" if encoder is None else str(enc.spec), "fingerprint": enc.fingerprint},
+                   "encoder": {"spec": spec, "fingerprint": enc.fingerprint},
                    "seconds": round(time.perf_counter() - t0, 1),
                    "epochs": [{k: r[k] for k in ("epoch", "loss", "bin_yes", "bin_no", "tso") if k in r}
                               for r in trainer.log_ if r.get("summary")]}
@@ -96,6 +119,9 @@ def train_clipn_logged(seed: int = RECIPE["seed"], pairs: int = RECIPE["pairs"],
         try:
             tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
             os.replace(tmp, path.with_suffix(".json"))
+        except OSError as e:
+            raise InvalidInputError(f"cannot write {printable(str(path.with_suffix('.json')))}: "
+                                    f"{e.strerror or e}") from e
         finally:
             tmp.unlink(missing_ok=True)
     return model, trainer.log_
@@ -109,17 +135,23 @@ def _args_of(recipe: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vlmood.toyworld.clipn",
                                  description="Train the toy world's CLIPN no side (the shipped recipe by default).")
+    helps = {"seed": "trainer seed: order of the pairs and prompt choices", "pairs": "training pairs",
+             "epochs": "passes over the pairs", "batch_size": "pairs per step", "lr": "AdamW learning rate",
+             "data_seed": f"the pairs come from World([{DATA_TAG}, DATA_SEED])"}
     for k, v in RECIPE.items():
-        ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+        ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v, help=f"{helps[k]} (default {v})")
     ap.add_argument("--out", default=str(CLIPN_CHECKPOINT),
                     help=f"output file (default: the shipped asset, {CLIPN_CHECKPOINT})")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    model = train_clipn(**{k: getattr(args, k) for k in RECIPE}, out=args.out, progress=None)
-    final = model.meta.get("final", {})
-    print(f"trained CLIPN's no side in {time.perf_counter() - t0:.0f} s: last-epoch loss {final.get('loss', 0):.4f} "
-          f"(bin_yes {final.get('bin_yes', 0):.4f}, bin_no {final.get('bin_no', 0):.4f}, tso {final.get('tso', 0):.4f}); "
-          f"wrote {args.out}")
+    try:
+        model = train_clipn(**{k: getattr(args, k) for k in RECIPE}, out=args.out, progress=None)
+    except VlmoodError as e:  # a user error: one line, exit status 2 (as the vlmood command)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    f = {k: model.meta.get("final", {}).get(k) or 0.0 for k in ("loss", "bin_yes", "bin_no", "tso")}
+    print(f"trained CLIPN's no side in {time.perf_counter() - t0:.0f} s: last-epoch loss {f['loss']:.4f} (bin_yes "
+          f"{f['bin_yes']:.4f}, bin_no {f['bin_no']:.4f}, tso {f['tso']:.4f}); wrote {printable(str(args.out))}")
     return 0
 
 

@@ -122,7 +122,7 @@ class LearnedPrompts:
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
         """Write one safetensors file (context + metadata); written to a temporary name, then renamed."""
-        from safetensors.torch import save_file
+        from .._io import save_safetensors
 
         path = Path(path)
         meta = {**self.meta, "classes": self.classes, "n_ctx": self.n_ctx, "csc": self.csc,
@@ -131,12 +131,9 @@ class LearnedPrompts:
             text = json.dumps(meta, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"learned-prompt metadata is not JSON-serialisable: {e}") from e
-        tmp = path.with_name(path.name + ".tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"ctx": self.ctx.contiguous()}, str(tmp),
-                      metadata={"format": FORMAT, "version": VERSION, "meta": text})
-            os.replace(tmp, path)
+            save_safetensors({"ctx": self.ctx}, path, metadata={"format": FORMAT, "version": VERSION, "meta": text})
         except OSError as e:
             raise InvalidInputError(f"cannot write learned prompts to {printable(str(path))}: {e.strerror or e}") \
                 from e
