@@ -159,15 +159,14 @@ class CLIPNModel:
         n = int(eot.max()) + 1 if len(eot) else 1
         dev = self.encoder.device
         table = self.no.prompt_table()
-        idx = torch.as_tensor(prompt, dtype=torch.long, device=dev)
+        idx = torch.as_tensor(prompt, dtype=torch.long)  # checked where it is (the trainer's: on the CPU, no sync)
         k = self.no.n_prompts
         if idx.ndim == 0:
-            idx = torch.full((tokens.shape[0],), k if int(idx) == MEAN_PROMPT else int(idx), dtype=torch.long,
-                             device=dev)
+            idx = torch.full((tokens.shape[0],), k if int(idx) == MEAN_PROMPT else int(idx), dtype=torch.long)
         if idx.shape != (tokens.shape[0],) or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) > k)):
             raise InvalidInputError(f"prompt must be -1 (mean), an index in [0, {k}] or one such index per text")
-        tok = tokens[:, :n].to(dev)
-        x = self.no.token_embedding_no(tok).float() + table[idx, :n]
+        tok = tokens[:, :n].to(dev, non_blocking=True)
+        x = self.no.token_embedding_no(tok).float() + table[idx.to(dev, non_blocking=True), :n]
         return self.encode_no_embeddings(x, eot.to(dev))
 
     def no_text_encoder(self) -> "NoTextEncoder":

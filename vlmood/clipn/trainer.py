@@ -24,7 +24,7 @@ vlmood's differences, by design:
   pairs each equals a step of one process on the same ``W * B`` pairs (the reference's average scales the gradient
   by ``1/W``, which AdamW nearly cancels).
 - Everything random derives from ``seed``: epoch ``e``'s order from ``default_rng([seed, 2, e])``, its prompt
-  choices from ``default_rng([seed, 4, e])`` (one per position of the order, so they do not depend on how the
+  choices from ``default_rng([seed, 4, e])`` (one per pair, so they do not depend on how the
   global batch is split over processes). A run resumed from a checkpoint (written after every epoch and at least
   every ``checkpoint_seconds``) therefore equals an uninterrupted one.
 """
@@ -199,6 +199,7 @@ class CLIPNTrainer:
         run = Path(out) if out is not None else None
 
         data = _prepare(enc, src, on_error, progress if rank == 0 else False, rank, world)
+        data.to_device(torch.device(enc.device))
         n = data.n
         global_batch = batch_size * world
         if n < global_batch:
@@ -238,7 +239,7 @@ class CLIPNTrainer:
             start, elapsed0 = int(state["step"]), float(state["elapsed"])
         log = self._read_log(run, start, steps_per_epoch) if (run is not None and state is not None and rank == 0) else []
         log_file = open(run / LOG, "a", encoding="utf-8") if (run is not None and rank == 0) else None
-        if log_file is not None and start == 0:
+        if rank == 0 and start == 0:
             self._log(log, log_file, {"data": {"pairs": n, "skipped": data.skipped, "truncated": data.truncated,
                                                 "features_s": round(data.seconds, 3)}})
         loop = _Loop(model=model, opt=opt, scaler=scaler, data=data, batch_size=batch_size, world=world, rank=rank,
@@ -284,9 +285,9 @@ class CLIPNTrainer:
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = torch.from_numpy(mine)
-            img = data.image[idx].to(dev)
-            yes = data.text[idx].to(dev)
-            u = F.normalize(model.encode_no_tokens(data.tokens[idx].long(), torch.from_numpy(prompt_of[mine]).to(dev),
+            img = data.image[idx.to(data.image.device)].to(dev, non_blocking=True)
+            yes = data.text[idx.to(data.text.device)].to(dev, non_blocking=True)
+            u = F.normalize(model.encode_no_tokens(data.tokens[idx].long(), torch.from_numpy(prompt_of[mine]),
                                                    data.eot[idx].long()).float(), dim=-1)
             if loop.world > 1:
                 img, yes, u = _gather(img, loop), _gather(yes, loop), _gather(u, loop)
@@ -452,6 +453,19 @@ class _Data:
     @property
     def n(self) -> int:
         return int(self.image.shape[0])
+
+    def to_device(self, device: torch.device) -> None:
+        """Keep the features on a CUDA device when they take at most a quarter of its free memory (no copy per
+        step), else in pinned host memory; tokens and end positions stay on the CPU (their batch maximum decides
+        the trimmed length without a device sync)."""
+        if device.type != "cuda":
+            return
+        need = (self.image.numel() + self.text.numel()) * self.image.element_size()
+        free = torch.cuda.mem_get_info(device)[0]
+        if need <= free // 4:
+            self.image, self.text = self.image.to(device), self.text.to(device)
+        else:
+            self.image, self.text = self.image.pin_memory(), self.text.pin_memory()
 
 
 def _barrier(world: int) -> None:
