@@ -775,3 +775,18 @@ def test_detector_errors(tiny, toy, tiny_clipn):
         CLIPN(tiny, CLASSES, no=3)
     with pytest.raises(InvalidInputError, match="logit_scale must be a finite number > 0"):
         CLIPN(tiny_clipn, CLASSES, logit_scale=0)
+
+
+def test_fingerprint_follows_in_place_weight_changes_without_invalidate(tiny):
+    """A no side changed in place (an optimiser step, a hand edit) gets a new fingerprint, so cached class
+    embeddings of the old weights are never served for the new ones; unchanged weights keep theirs."""
+    m = CLIPNModel(tiny)
+    f0 = m.fingerprint
+    assert m.fingerprint == f0
+    with torch.no_grad():
+        m.no.prompt_no.add_(0.5)
+    f1 = m.fingerprint
+    assert f1 != f0
+    with torch.no_grad():
+        m.no.ln_final_no.weight.mul_(1.1)
+    assert m.fingerprint not in (f0, f1)

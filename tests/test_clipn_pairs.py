@@ -141,8 +141,14 @@ def test_manifest_errors(tmp_path):
 
     fails("path,text\na.png,x\n", "manifest M has no caption column 'caption'; columns: 'path', 'text' "
                                   "(choose one with caption_column=)")
-    fails("name,caption\na.png,x\n", "manifest M has no image column ('image' or one of path, filepath, file_path, "
-                                     "filename, file_name, file, image, image_path); columns: 'name', 'caption'")
+    fails("name,caption\na.png,x\n", "manifest M has no image column (one of image, path, filepath, file_path, "
+                                     "filename, file_name, file, image_path); columns: 'name', 'caption'")
+    # a column the user names must exist: never another one in its place
+    m = tmp_path / "named.csv"
+    m.write_text("path,thumb,caption\na.png,a.png,x\n", encoding="utf-8")
+    with pytest.raises(InvalidInputError) as e:
+        as_pairs(m, image_column="thumbs")
+    assert str(e.value) == f"manifest {m} has no image column 'thumbs'; columns: 'path', 'thumb', 'caption'"
     fails("path,caption,caption\na.png,x,y\n", "manifest M has 2 columns named 'caption'; columns: 'path', "
                                                "'caption', 'caption'")
     fails("path,caption\na.png,x\nb.png,y\n", f"manifest M line 3 lists a missing file: {tmp_path / 'b.png'}")

@@ -32,6 +32,17 @@ NO_PREFIXES = ("transformer_no.", "token_embedding_no.", "positional_embedding_n
                "text_projection_no", "prompt_no")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Exact-equality tests (resume, torchrun with one process) compare two runs of the same computation. With several
+    CPU threads torch's reductions may round differently from run to run, and AdamW turns that noise in exactly-zero
+    gradients (the key bias of attention) into ~1e-5 weight differences; one thread makes the runs bit-identical."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def enc():
     return vlmood.load_encoder("toyworld", device="cpu")  # CPU even where there is a GPU: gloo, fork
@@ -455,7 +466,7 @@ def test_checkpoint_and_result_hold_only_the_no_side_and_metadata(enc, full):
     assert keys == no_keys and not keys & set(enc.model.state_dict())
     assert (header["format"], header["version"]) == ("vlmood.clipn", "1")
     meta = json.loads(header["meta"])
-    assert meta["encoder"] == {"spec": str(enc.spec), "fingerprint": enc.fingerprint}
+    assert meta["encoder"] == {"spec": "toyworld", "fingerprint": enc.fingerprint}  # the registered name, portable
     assert meta["hyperparameters"] == tr.hyperparameters() == {
         "n_prompts": 16, "lr": LR, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.2, "warmup_steps": 0,
         "grad_clip": None, "grad_checkpointing": False, "seed": 0}
@@ -464,3 +475,82 @@ def test_checkpoint_and_result_hold_only_the_no_side_and_metadata(enc, full):
     last = [r for r in tr.log_ if r.get("summary")][-1]
     assert meta["final"]["loss"] == last["loss"] and math.isfinite(meta["final"]["loss"])
     assert sorted(os.listdir(run)) == ["checkpoint.pt", "clipn.safetensors", "log.jsonl"]  # no temporary file left
+
+
+def test_each_pair_uses_the_seeded_prompt_choice_with_the_mean_among_them(enc, world_pairs, monkeypatch):
+    """Every step's no-tower call gets, for each pair of the batch, the prompt index drawn for that pair by
+    default_rng([seed, 4, epoch]).integers(0, K + 1) (K = the mean prompt), over the epoch's order."""
+    seen = []
+    real = CLIPNModel.encode_no_tokens
+
+    def spy(self, tokens, prompt=-1, eot=None):
+        seen.append(torch.as_tensor(prompt).clone())
+        return real(self, tokens, prompt, eot)
+
+    monkeypatch.setattr(CLIPNModel, "encode_no_tokens", spy)
+    _fit(enc, world_pairs, epochs=2, batch_size=32)
+    k = 16
+    expected = []
+    for e in range(2):
+        order = np.random.default_rng([0, clipn_trainer.ORDER_STREAM, e]).permutation(N)
+        choice = np.random.default_rng([0, clipn_trainer.PROMPT_STREAM, e]).integers(0, k + 1, size=N)
+        expected += [choice[order[s * 32 : (s + 1) * 32]] for s in range(N // 32)]
+    assert len(seen) == len(expected) == 8
+    for got, want in zip(seen, expected):
+        assert got.tolist() == want.tolist()
+    allp = torch.cat(seen)
+    assert int(allp.max()) == k and int(allp.min()) == 0  # the mean prompt (index K) is among the choices
+
+
+def test_features_stay_aligned_with_their_captions(enc, tmp_path):
+    """_prepare pairs every caption with its own image: a manifest where one image has two captions and another
+    image is unreadable gives, per kept pair, exactly the encoder's feature of that pair's image file."""
+    from vlmood.clipn.trainer import _prepare
+
+    images, captions, _ = World(3).batch(6)
+    rows = ["path,caption"]
+    for i, a in enumerate(images):
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    rows += [f"{i}.png,{captions[i]}" for i in range(6)]
+    rows += [f"2.png,a second caption of image two", "bad.png,a caption whose image is broken",
+             f"0.png,another caption of image zero"]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    src = as_pairs(tmp_path / "m.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = _prepare(enc, src, "skip", False, 0, 1)
+    want_files = [f"{i}.png" for i in range(6)] + ["2.png", "0.png"]
+    assert data.n == 8 and data.skipped.get("unreadable image") == 1
+    direct = enc.encode_images([str(tmp_path / f) for f in want_files])
+    assert torch.allclose(data.image, torch.nn.functional.normalize(direct.float(), dim=-1), atol=1e-5)
+    want_caps = captions + ["a second caption of image two", "another caption of image zero"]
+    assert torch.allclose(data.text, vlmood.embed_texts(enc, want_caps), atol=1e-5)
+
+
+def test_a_subset_never_reads_images_no_pair_uses(enc, tmp_path):
+    """subset() leaves the broken image without a pair: training with on_error='error' must not read it."""
+    images, captions, _ = World(4).batch(40)
+    rows = ["path,caption", "bad.png,broken"]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for i, a in enumerate(images):
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{captions[i]}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    src = as_pairs(tmp_path / "m.csv").subset(range(1, 41))
+    tr = _fit(enc, src, epochs=1, batch_size=16, on_error="error")
+    assert tr.skipped_ == {}
+
+
+def test_fit_under_torchrun_without_the_process_group_is_refused(enc, world_pairs, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(InvalidInputError, match=r"WORLD_SIZE=2 \(torchrun\) but this process has not joined"):
+        _fit(enc, world_pairs, out=tmp_path / "run", epochs=1)
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    with pytest.raises(InvalidInputError, match=r"WORLD_SIZE must be a non-negative integer .*'abc'"):
+        init_distributed("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(InvalidInputError, match=r"RANK=2 and WORLD_SIZE=2 do not fit"):
+        init_distributed("cpu")

@@ -81,7 +81,8 @@ def test_templates_ensemble_used(tiny, images):
 
 def test_make_detector_and_errors(tiny):
     assert isinstance(make_detector("GL-MCM", tiny, CLASSES), GLMCM)
-    assert set(vlmood.DETECTORS) == {"mcm", "glmcm", "energy", "maxlogit", "neglabel", "csp"}
+    assert set(vlmood.DETECTORS) == {"mcm", "glmcm", "energy", "maxlogit", "neglabel", "csp", "clipn", "clipnctw",
+                                     "clipnatd"}
     with pytest.raises(InvalidInputError, match="unknown method 'knn'"):
         make_detector("knn", tiny, CLASSES)
     with pytest.raises(InvalidInputError, match="duplicate class names: 'cat'"):

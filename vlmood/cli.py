@@ -460,12 +460,11 @@ def _load_no(args: argparse.Namespace, encoder: Any) -> Any:
     if args.no is None:
         return None
     from .clipn.model import CLIPNModel
-    from .errors import CheckpointMismatchError
 
     try:
         return CLIPNModel.load(os.path.expanduser(args.no), encoder=encoder)
-    except CheckpointMismatchError as e:
-        raise _UsageError(str(e)) from None
+    except EncoderLoadError as e:  # a --no file that cannot be read or does not fit: the argument is wrong
+        raise _UsageError(f"--no: {e}") from None
 
 
 def _learned_label(method: str, prompts: Any) -> str:
@@ -680,11 +679,10 @@ def _train_clipn(args: argparse.Namespace) -> int:
     """``vlmood train clipn``: CLIPN's no side on image-caption pairs; under torchrun (``WORLD_SIZE`` > 1) one
     process per device, rank 0 printing and writing ``--out``."""
     from .clipn.pairs import as_pairs
-    from .clipn.trainer import CHECKPOINT, LOG, CLIPNTrainer, init_distributed
+    from .clipn.trainer import CHECKPOINT, LOG, CLIPNTrainer, env_world, init_distributed
     from .encoders import load_encoder, parse_spec
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = int(os.environ.get("RANK", "0") or 0) if world > 1 else 0
+    rank, world, _ = env_world()
     if rank != 0:  # one voice: the other processes' warnings repeat rank 0's (errors are still printed)
         warnings.simplefilter("ignore")
     if args.data is None:
@@ -731,7 +729,7 @@ def _train_clipn(args: argparse.Namespace) -> int:
     if (run / CHECKPOINT).is_file() and not args.resume:
         raise _UsageError(f"--run-dir {printable(str(run))} already holds a run ({CHECKPOINT}); pass --resume to "
                           "continue it, or choose another --run-dir (or --out)")
-    pairs = as_pairs(data, caption_column=args.caption_column or "caption", image_column=args.image_column or "image",
+    pairs = as_pairs(data, caption_column=args.caption_column or "caption", image_column=args.image_column,
                      split=args.split)
     rank, world = init_distributed(args.device)
     try:
@@ -744,7 +742,7 @@ def _train_clipn(args: argparse.Namespace) -> int:
         if rank != 0:
             return 0
         out.parent.mkdir(parents=True, exist_ok=True)  # --run-dir may live elsewhere
-        model.save(out)
+        model.save(out, encoder_spec=None if ":" in args.model else args.model)  # a model name stays a name
     finally:
         if world > 1:
             import torch.distributed as dist
@@ -912,7 +910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return commands[args.command](args)
         except KeyboardInterrupt:
-            how = ("the run folder keeps the checkpoint of the last completed epoch: run the same command with "
+            how = ("the run folder keeps the last checkpoint: run the same command with "
                    "--resume to continue" if args.command == "train" else
                    "the feature cache keeps what was encoded: run the same command again to resume")
             print(f"vlmood {args.command}: interrupted ({how})", file=sys.stderr)

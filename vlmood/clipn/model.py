@@ -123,6 +123,7 @@ class CLIPNModel:
         self.no.to(encoder.device)
         self.meta: dict[str, Any] = dict(meta or {})
         self._fingerprint: str | None = None
+        self._fingerprint_stamp: tuple = ()
 
     def __repr__(self) -> str:
         return f"<CLIPNModel on {self.encoder.spec}: {self.no.n_prompts} no prompts>"
@@ -131,13 +132,22 @@ class CLIPNModel:
     @property
     def fingerprint(self) -> str:
         """``clipn-no:<hash of the no side>|<base encoder fingerprint>``: keys the no side's cached text embeddings.
-        Recomputed after :meth:`invalidate` (the trainer calls it after each step)."""
-        if self._fingerprint is None:
+
+        The hash is recomputed whenever a tensor of the no side was replaced or changed in place since it was taken
+        (each tensor's version counter and storage are compared), or after :meth:`invalidate`."""
+        stamp = self._stamp()
+        if self._fingerprint is None or stamp != self._fingerprint_stamp:
             self._fingerprint = f"clipn-no:{hash_state_dict(self.no.state_dict())}|{self.encoder.fingerprint}"
+            self._fingerprint_stamp = stamp
         return self._fingerprint
 
+    def _stamp(self) -> tuple:
+        """What changes when a no-side tensor is modified in place or replaced: versions, storages, shapes."""
+        return tuple((k, t._version, t.data_ptr(), tuple(t.shape)) for k, t in self.no.state_dict(keep_vars=True).items())
+
     def invalidate(self) -> None:
-        """Forget the cached fingerprint (after the no side's weights changed)."""
+        """Forget the cached fingerprint (e.g. after writing into the weights through ``.data``, which in-place
+        version counters do not see)."""
         self._fingerprint = None
 
     # ------------------------------------------------------------------ no-side text forward
@@ -198,7 +208,7 @@ class CLIPNModel:
         path = Path(path)
         if not path.parent.is_dir():
             raise InvalidInputError(f"cannot write {printable(str(path))}: its folder does not exist")
-        meta = {"encoder": {"spec": encoder_spec or str(self.encoder.spec), "fingerprint": self.encoder.fingerprint},
+        meta = {"encoder": {"spec": encoder_spec or portable_spec(self.encoder), "fingerprint": self.encoder.fingerprint},
                 "n_prompts": self.no.n_prompts, **{k: v for k, v in self.meta.items() if k != "encoder"}}
         try:
             save_safetensors(self.state_dict_no(), path,
@@ -289,6 +299,24 @@ class CLIPNModel:
         load_matching_state_dict(no, {k: v.float() for k, v in sd.items()}, printable(source),
                                  f"CLIPN no side of {encoder.spec}")
         return cls(encoder, no, meta=meta)
+
+
+def portable_spec(encoder: "Encoder") -> str:
+    """How a file should record ``encoder`` so that it loads elsewhere: the name of a registered model whose spec is
+    the encoder's (``toyworld`` rather than the absolute path of the installed weights), else the spec with an
+    absolute checkpoint path (a relative one would depend on the working folder)."""
+    from ..encoders import registry
+
+    spec = encoder.spec
+    for name in registry.model_names():
+        try:
+            if registry.resolve_model(name) == spec:
+                return name
+        except Exception:  # a user's resolver failing is not this file's problem
+            continue
+    if getattr(spec, "checkpoint", None) is not None and not Path(spec.checkpoint).is_absolute():
+        return str(type(spec)(spec.backend, spec.name, spec.pretrained, Path(spec.checkpoint).resolve(), spec.seed))
+    return str(spec)
 
 
 def _vlmood_meta(path: Path) -> dict[str, Any] | None:

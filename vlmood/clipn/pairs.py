@@ -153,7 +153,7 @@ def _done(pairs: PairSource) -> PairSource:
 
 
 # ---------------------------------------------------------------------------------------------- manifests
-def _read_manifest(path: Path, caption_column: str, image_column: str, name: str) -> PairSource:
+def _read_manifest(path: Path, caption_column: str, image_column: str | None, name: str) -> PairSource:
     """A CSV/TSV manifest with a header: an image column and ``caption_column`` (names case-insensitive)."""
     shown = printable(str(path))
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
@@ -166,10 +166,12 @@ def _read_manifest(path: Path, caption_column: str, image_column: str, name: str
         raise InvalidInputError(f"manifest {shown} is empty")
     header = [c.strip().lower() for c in rows[0][1]]
     columns = ", ".join(repr(c) for c in rows[0][1])
-    icol = next((c for c in (image_column.lower(), *PATH_COLUMNS) if c in header), None)
+    # a column named by the user must exist (never another one in its place); otherwise the usual path columns
+    wanted = (image_column.lower(),) if image_column else ("image", *PATH_COLUMNS)
+    icol = next((c for c in wanted if c in header), None)
     if icol is None:
-        raise InvalidInputError(f"manifest {shown} has no image column ({image_column!r} or one of "
-                                f"{', '.join(PATH_COLUMNS)}); columns: {columns}")
+        which = repr(image_column) if image_column else f"(one of {', '.join(dict.fromkeys(wanted))})"
+        raise InvalidInputError(f"manifest {shown} has no image column {which}; columns: {columns}")
     if caption_column.lower() not in header:
         raise InvalidInputError(f"manifest {shown} has no caption column {caption_column!r}; columns: {columns} "
                                 "(choose one with caption_column=)")
@@ -403,7 +405,9 @@ def _read_tars(spec: Any, name: str) -> PairSource:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def _read_hf(source: Any, caption_column: str, image_column: str, split: str | None, name: str | None) -> PairSource:
+def _read_hf(source: Any, caption_column: str, image_column: str | None, split: str | None,
+             name: str | None) -> PairSource:
+    image_column = image_column or "image"
     src = as_source(source, split=split, image_column=image_column, label_column=None, name=name)
     assert isinstance(src, HFSource)
     ds, name = src.ds, name or src.name
@@ -418,13 +422,14 @@ def _read_hf(source: Any, caption_column: str, image_column: str, split: str | N
     return _done(PairSource(src, caps, name, dict(skipped), index))
 
 
-def as_pairs(source: Any, caption_column: str = "caption", image_column: str = "image", split: str | None = None,
+def as_pairs(source: Any, caption_column: str = "caption", image_column: str | None = None, split: str | None = None,
              name: str | None = None) -> PairSource:
     """Read image-caption pairs from any supported source.
 
     ``source``: a :class:`PairSource` (returned as is); a ``datasets.Dataset`` / ``DatasetDict`` (choose
-    ``split``) or ``"hf:NAME[:split]"`` with ``image_column`` and ``caption_column``; a ``.csv`` / ``.tsv``
-    manifest whose header names an image column (``image_column``, ``path``, ``image``, ``file``...) and
+    ``split``) or ``"hf:NAME[:split]"`` with ``image_column`` (default ``image``) and ``caption_column``; a
+    ``.csv`` / ``.tsv`` manifest whose header names the image column ``image_column`` (when given, that column
+    must exist; by default the first of ``image``, ``path``, ``file``...) and
     ``caption_column`` (relative paths from the manifest's folder); or webdataset-style uncompressed ``.tar``
     shards (a path, glob, brace pattern ``shards-{00000..00003}.tar`` or list): members group by key (the member
     path up to the first dot of its basename), each sample needs one image (.jpg/.jpeg/.png/.webp/.bmp) and a

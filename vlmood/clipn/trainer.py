@@ -85,24 +85,42 @@ def distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def env_world() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` as ``torchrun`` sets them in the environment (``(0, 1, 0)`` without it);
+    a malformed value is a one-line :class:`InvalidInputError`."""
+    out = []
+    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        raw = os.environ.get(name, default) or default
+        if not raw.strip().isdigit():
+            raise InvalidInputError(f"{name} must be a non-negative integer (torchrun sets it), got {raw!r}")
+        out.append(int(raw))
+    rank, world, local = out
+    if world < 1 or rank >= world:
+        raise InvalidInputError(f"RANK={rank} and WORLD_SIZE={world} do not fit (0 <= RANK < WORLD_SIZE)")
+    return rank, world, local
+
+
 def init_distributed(device: str | None = None) -> tuple[int, int]:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment): NCCL on CUDA, else
     gloo. Returns ``(rank, world_size)``; without torchrun, or with one process, nothing is initialised
-    (``(0, 1)``). Each process uses GPU ``LOCAL_RANK`` when there are GPUs."""
+    (``(0, 1)``). Each process uses GPU ``LOCAL_RANK`` when there are GPUs. A malformed environment or a failed
+    rendezvous is a one-line :class:`InvalidInputError`."""
     import torch.distributed as dist
 
-    raw = os.environ.get("WORLD_SIZE", "1") or "1"
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise InvalidInputError(f"WORLD_SIZE must be a positive integer (torchrun sets it), got {raw!r}")
-    world = int(raw)
+    _, world, local = env_world()
     if world <= 1:
         return 0, 1
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    except (ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InvalidInputError(f"cannot join the torchrun process group (WORLD_SIZE={world}): {first}; start "
+                                "several processes with torchrun, which sets MASTER_ADDR and MASTER_PORT") from e
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -153,7 +171,7 @@ class CLIPNTrainer:
     # ------------------------------------------------------------------ training
     def fit(self, pairs: Any, epochs: int = 10, batch_size: int = 512, out: str | os.PathLike | None = None,
             resume: bool = False, progress: bool | None = None, on_error: str = "skip",
-            checkpoint_seconds: float = 300.0, caption_column: str = "caption", image_column: str = "image",
+            checkpoint_seconds: float = 300.0, caption_column: str = "caption", image_column: str | None = None,
             split: str | None = None) -> CLIPNModel:
         """Train on ``pairs`` (anything :func:`vlmood.clipn.pairs.as_pairs` accepts).
 
@@ -180,7 +198,7 @@ class CLIPNTrainer:
                              caption_column, image_column, split)
 
     def _fit(self, pairs: Any, epochs: int, batch_size: int, out: Any, resume: bool, progress: bool | None,
-             on_error: str, checkpoint_seconds: float, caption_column: str, image_column: str,
+             on_error: str, checkpoint_seconds: float, caption_column: str, image_column: str | None,
              split: str | None) -> CLIPNModel:
         from .pairs import as_pairs
 
@@ -192,6 +210,11 @@ class CLIPNTrainer:
         if resume and out is None:
             raise InvalidInputError("resume=True needs the run folder out= of the run to continue")
         rank, world = distributed()
+        _, env_size, _ = env_world()
+        if env_size > 1 and world == 1:
+            raise InvalidInputError(f"WORLD_SIZE={env_size} (torchrun) but this process has not joined the process "
+                                    "group: call vlmood.clipn.trainer.init_distributed() before fit (vlmood train "
+                                    "clipn does), or every process would train alone on all the data")
         if world > 1 and out is None:
             raise InvalidInputError("training with several processes needs a run folder (out=, --run-dir)")
         enc = self.encoder
@@ -405,7 +428,12 @@ class CLIPNTrainer:
                 if "data" in rec or (not rec.get("summary") and isinstance(step, int) and step <= steps_done) or \
                         (rec.get("summary") and isinstance(epoch, int) and epoch * steps_per_epoch <= steps_done):
                     records.append(rec)
-        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # an interruption never truncates the log
+        try:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return records
 
     @staticmethod
@@ -485,7 +513,10 @@ def _prepare(enc: Any, src: Any, on_error: str, progress: bool | None, rank: int
     from ..text.embed import embed_texts
 
     t0 = time.perf_counter()
-    images = src.images
+    image_index = np.asarray(getattr(src, "image_index", None) if getattr(src, "image_index", None) is not None
+                             else np.arange(len(src.captions)))
+    used = np.unique(image_index).tolist()  # only images some pair uses (a subset() may leave others behind)
+    images = _Subset(src.images, used)
     if world > 1:  # fill the shared caches in parallel, then read them
         share = list(range(rank, len(images), world))
         if share:
@@ -497,8 +528,7 @@ def _prepare(enc: Any, src: Any, on_error: str, progress: bool | None, rank: int
         _barrier(world)
     feats = extract_features(enc, images, on_error="skip" if on_error == "skip" else "raise", progress=progress)
     row = {i: k for k, i in enumerate(feats.ids)}
-    image_index = np.asarray(getattr(src, "image_index", np.arange(len(src.captions))))
-    keep = [p for p in range(len(src.captions)) if images.ids[int(image_index[p])] in row]
+    keep = [p for p in range(len(src.captions)) if src.images.ids[int(image_index[p])] in row]
     skipped = dict(src.skipped)
     lost = len(src.captions) - len(keep)
     if lost:
@@ -509,7 +539,7 @@ def _prepare(enc: Any, src: Any, on_error: str, progress: bool | None, rank: int
     if not keep:
         raise InvalidInputError(f"no usable image-caption pair in {printable(src.name)}")
     captions = [src.captions[p] for p in keep]
-    image = feats.features[[row[images.ids[int(image_index[p])]] for p in keep]]
+    image = feats.features[[row[src.images.ids[int(image_index[p])]] for p in keep]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # truncation is counted below, once
         text = embed_texts(enc, captions, cache=True, progress=progress)
@@ -523,9 +553,10 @@ def _prepare(enc: Any, src: Any, on_error: str, progress: bool | None, rank: int
     if truncated:
         warnings.warn(f"{truncated} of {len(captions)} captions are longer than the text context of "
                       f"{tokens[0].shape[1]} tokens and were truncated", stacklevel=4)
+    identity = dict(zip(used, images.identities()))  # once per image (cached hashes where the source has them)
     digest = hashlib.sha256()
     for p in keep:
-        digest.update(images.identity(int(image_index[p])).encode("utf-8", "surrogatepass") + b"\0")
+        digest.update(identity[int(image_index[p])].encode("utf-8", "surrogatepass") + b"\0")
         digest.update(src.captions[p].encode("utf-8", "surrogatepass") + b"\0")
     return _Data(image=image, text=text, tokens=torch.cat(tokens), eot=torch.cat(eots), skipped=skipped,
                  truncated=truncated, digest=digest.hexdigest(), seconds=time.perf_counter() - t0)

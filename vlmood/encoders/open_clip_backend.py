@@ -52,6 +52,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]  # torch explains unpickling failures over many lines
+        if "weights only load failed" in first.lower() or "weights_only" in first:
+            first = ("it is not a checkpoint of tensors (torch.load with weights_only=True refused it: a pickled "
+                     "object, or a corrupt file)")
         raise EncoderLoadError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from e
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):

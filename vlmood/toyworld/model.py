@@ -17,7 +17,7 @@ from .world import vocabulary
 ASSETS = Path(__file__).resolve().parent / "assets"
 CHECKPOINT = ASSETS / "toyworld.safetensors"
 CLIPN_CHECKPOINT = ASSETS / "toyworld-clipn.safetensors"
-"""CLIPN's "no" side trained on the toy world's captions from the shipped CLIP (``vlmood train clipn``)."""
+"""CLIPN's "no" side trained on the toy world's captions from the shipped CLIP (``python -m vlmood.toyworld.clipn``)."""
 ARCH = "vlmood-toyworld"
 NAME = "toyworld"
 
