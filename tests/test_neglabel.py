@@ -486,3 +486,29 @@ def test_mining_refuses_non_finite_embeddings():
         mine(ids, cands, 0.95, 1.0)
     with pytest.raises(InvalidInputError, match="percentile must be in"):
         percentile_similarity(ids, ids, float("nan"))
+
+
+def test_given_negatives_replace_mining_and_score_by_hand(tmp_path):
+    """negatives=[...] (e.g. an LLM's envisioned outlier classes) are the negative labels as given: no mining,
+    repeats and ID names dropped with one warning, scores equal to scores.neglabel over their embeddings."""
+    import vlmood
+    from vlmood.text import class_embeddings
+
+    enc = vlmood.load_encoder("toyworld")
+    with pytest.warns(UserWarning, match=r"dropped 1 repeated word\(s\) and 1 ID class name\(s\); 3 negatives left"):
+        det = vlmood.NegLabel(enc, ["circle", "square"], negatives=["ring", "Ring", "moon", "Circle", ("arrow", "noun")],
+                              ngroups=1)
+    assert det.negatives_ == [("ring", "noun"), ("moon", "noun"), ("arrow", "noun")]
+    neg = class_embeddings(enc, ["ring", "moon", "arrow"], "the nice {}", check=False)
+    assert torch.allclose(det.negative_features, neg)
+    x = torch.nn.functional.normalize(torch.randn(5, enc.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    want = scores.neglabel(x @ det.text_features.T, x @ neg.T, det.temperature, 1, det.seed)
+    assert np.allclose(det.score_features(x), want)
+    det.save(tmp_path / "n.json")  # the given negatives round-trip like mined ones
+    assert vlmood.NegLabel.load(tmp_path / "n.json", enc).negatives_ == det.negatives_
+    with pytest.raises(InvalidInputError, match=r"2 negatives given but ngroups=5"):
+        vlmood.NegLabel(enc, ["circle"], negatives=["ring", "moon"], ngroups=5)
+    with pytest.raises(InvalidInputError, match=r"negatives entry 2 must be a non-empty word"):
+        vlmood.NegLabel(enc, ["circle"], negatives=["ring", " "], ngroups=1)
+    with pytest.raises(InvalidInputError, match="not a single string"):
+        vlmood.NegLabel(enc, ["circle"], negatives="ring", ngroups=1)

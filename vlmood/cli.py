@@ -262,6 +262,45 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--classes", metavar="FILE_OR_LIST", help="class names to expand with --templates")
     e.add_argument("--templates", default=None, metavar="NAME_OR_FILE", help="templates for --classes (default: simple)")
     e.add_argument("--batch-size", type=int, default=256, help="prompts per forward pass (default 256)")
+
+    lv = sub.add_parser("lvlm", help="OOD detection with a local vision-language chat model (OpenAI-compatible "
+                        "server: vLLM, Ollama, llama.cpp, LM Studio, SGLang)",
+                        description="Ask a vision-language chat model served over the OpenAI chat-completions "
+                                    "protocol. The API key, when the server needs one, is read from "
+                                    "VLMOOD_LVLM_API_KEY or OPENAI_API_KEY (never from the command line).")
+    lsub = lv.add_subparsers(dest="lvlm_command", required=True, parser_class=_Parser, metavar="SUBCOMMAND")
+    for name, help_ in (("score", "score images: S_max = the highest ID-class confidence / 100 (baseline or "
+                                  "ReGuide prompting)"),
+                        ("envision", "ask the model for outlier class names (near and far) to use as NegLabel's "
+                                     "negatives")):
+        q = lsub.add_parser(name, help=help_, description=help_)
+        q.add_argument("--base-url", required=True, metavar="URL",
+                       help="the server's OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+        q.add_argument("--model", required=True, metavar="NAME", help="the model name the server serves")
+        q.add_argument("--classes", required=True, metavar="FILE_OR_LIST", help="ID class names")
+        q.add_argument("--out", required=True, metavar="FILE",
+                       help="scores.csv" if name == "score" else "negatives.txt (one name per line)")
+        q.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+        q.add_argument("--timeout", type=_finite, default=60.0, help="seconds per request (default 60)")
+        q.add_argument("--max-retries", type=int, default=5, help="retries on errors, 429 and 5xx (default 5)")
+        q.add_argument("--max-tokens", type=int, default=None, help="answer length limit (default 512)")
+        q.add_argument("--cache", default=None, metavar="DIR",
+                       help="response cache folder (default $VLMOOD_CACHE/lvlm); a rerun sends no request twice")
+        q.add_argument("--no-cache", action="store_true", help="do not read or write the response cache")
+        if name == "score":
+            q.add_argument("--images", required=True, metavar="DIR|GLOB|CSV", help="images to score")
+            q.add_argument("--prompt", choices=("baseline", "reguide"), default="baseline",
+                           help="baseline (one question) or reguide (the model first suggests outlier classes)")
+            q.add_argument("--invalid", choices=("exclude", "ood", "retry"), default="exclude",
+                           help="invalid answers: leave the score empty (exclude, default), score 0 (ood), or ask "
+                                "again (retry)")
+            q.add_argument("--retries", type=int, default=2, help="re-asks per image with --invalid retry")
+            q.add_argument("--class-batch", type=int, default=None, metavar="B",
+                           help="ask about at most B ID classes per prompt (S_max = the maximum over batches)")
+            q.add_argument("--threshold", type=_finite, default=None, help="is_ood = not score >= threshold")
+        else:
+            q.add_argument("--near", type=int, default=50, help="near outlier names to ask for (default 50)")
+            q.add_argument("--far", type=int, default=50, help="far outlier names to ask for (default 50)")
     return parser
 
 
@@ -400,6 +439,86 @@ def _cmd_score(args: argparse.Namespace) -> int:
     n_ood = "" if flagged is None else f", {int(np.sum(flagged))} flagged OOD"
     label = args.method if learned is None else _learned_label(args.method, learned)
     print(f"scored {len(feats)} image(s) with {label}{n_ood}; skipped {len(errors)}; wrote {printable(str(out))}")
+    return 0
+
+
+def _lvlm_client(args: argparse.Namespace) -> Any:
+    """The ``vlmood lvlm`` client, checked against the server (reachable, model served) before any image is read."""
+    try:
+        from .lvlm.http import OpenAIClient
+    except ImportError as e:  # httpx missing
+        raise _UsageError(f"vlmood lvlm needs the lvlm extra: pip install 'vlmood[lvlm]' ({e})") from None
+    for flag, v, lo in (("--concurrency", args.concurrency, 1), ("--max-retries", args.max_retries, 0),
+                        ("--max-tokens", 1 if args.max_tokens is None else args.max_tokens, 1)):
+        if v < lo:
+            raise _UsageError(f"{flag} must be >= {lo}, got {v}")
+    if args.timeout <= 0:
+        raise _UsageError(f"--timeout must be > 0, got {args.timeout:g}")
+    if args.cache is not None and args.no_cache:
+        raise _UsageError("--cache and --no-cache exclude each other")
+    cache: Any = False if args.no_cache else (True if args.cache is None else args.cache)
+    kw = {} if args.max_tokens is None else {"max_tokens": args.max_tokens}
+    client = OpenAIClient(args.base_url, args.model, timeout=args.timeout, max_retries=args.max_retries,
+                          concurrency=args.concurrency, cache=cache, **kw)
+    client.check()
+    return client
+
+
+def _cmd_lvlm(args: argparse.Namespace) -> int:
+    """``vlmood lvlm score`` / ``vlmood lvlm envision``."""
+    import numpy as np
+
+    from .text import load_classes
+    from .text.cache import atomic_write_bytes
+
+    _require_nonempty(args, "--classes", "--out", "--base-url", "--model", "--cache",
+                      *(("--images",) if args.lvlm_command == "score" else ()))
+    classes = load_classes(args.classes)
+    out = _check_output_file(args.out, "--out")
+    if args.lvlm_command == "envision":
+        for flag, v in (("--near", args.near), ("--far", args.far)):
+            if v < 0:
+                raise _UsageError(f"{flag} must be >= 0, got {v}")
+        kinds = [k for k, v in (("near", args.near), ("far", args.far)) if v > 0]
+        if not kinds:
+            raise _UsageError("--near and --far are both 0: nothing to ask for")
+        client = _lvlm_client(args)
+        from .lvlm.envision import envision_negatives
+
+        words = envision_negatives(client, classes, n_near=args.near, n_far=args.far, kinds=kinds)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, "".join(f"{w}\n" for w in words).encode("utf-8"))
+        print(f"wrote {len(words)} outlier class names to {printable(str(out))} (use them as NegLabel's negatives: "
+              "NegLabel(encoder, classes, negatives=words))")
+        return 0
+    from .data import PathSource, list_images
+    from .lvlm.detector import LVLMDetector
+
+    for flag, v, lo in (("--retries", args.retries, 0), ("--class-batch", args.class_batch or 1, 1)):
+        if v < lo:
+            raise _UsageError(f"{flag} must be >= {lo}, got {v}")
+    if Path(args.images).is_file() and os.path.realpath(args.images) == os.path.realpath(out):
+        raise _UsageError(f"--out {printable(args.out)} is the --images manifest itself; it would be overwritten")
+    items = list_images(args.images)
+    client = _lvlm_client(args)
+    det = LVLMDetector(client, classes, prompt=args.prompt, invalid=args.invalid, retries=args.retries,
+                       class_batch=args.class_batch)
+    scores, labels = det.respond(PathSource(items, name=str(args.images)))
+    thr = args.threshold
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "class", "score", "is_ood", "status", "valid", "reason"])
+    for k, item in enumerate(items):
+        p = det.responses_[k]
+        score = "" if not np.isfinite(scores[k]) else f"{scores[k]:.8g}"
+        is_ood = "" if thr is None else int(not (scores[k] >= thr))
+        cls = det.classes[labels[k]] if labels[k] >= 0 else ""
+        w.writerow([printable(item.path), cls, score, is_ood, p.status, int(bool(p.valid)), printable(p.reason)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, buf.getvalue().encode("utf-8"))
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(det.statuses_.items()))
+    print(f"scored {len(items)} image(s) with {args.model} ({args.prompt}); invalid {det.n_invalid_} "
+          f"({counts}); wrote {printable(str(out))}")
     return 0
 
 
@@ -904,7 +1023,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a bad argument (2, already printed as one line): a status, not an exit
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     commands = {"score": _cmd_score, "eval": _cmd_eval, "train": _cmd_train, "demo": _cmd_demo,
-                "mine-negatives": _cmd_mine_negatives, "embed-texts": _cmd_embed_texts}
+                "mine-negatives": _cmd_mine_negatives, "embed-texts": _cmd_embed_texts, "lvlm": _cmd_lvlm}
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:

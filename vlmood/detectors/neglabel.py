@@ -92,6 +92,9 @@ class NegLabel(Detector):
         percentile, ratio: the mining rule (:func:`vlmood.negatives.mine`); temperature (> 0), ngroups, seed: the
             score (:func:`vlmood.scores.neglabel`). NaN is refused everywhere.
         pool: ``"neglabel"`` or ``"csp"`` (conjugated semantic pool, see :class:`CSP`).
+        negatives: use these negative labels as they are instead of mining the lexicon (words, scored with the
+            noun templates, or ``(word, part of speech)`` pairs), e.g. an LLM's envisioned outlier classes
+            (:func:`vlmood.lvlm.envision_negatives`, in the spirit of EOE, Cao et al., ICML 2024).
         prompts: learned prompts for the ID side (see :class:`~vlmood.detectors.base.Detector`); they replace
             ``templates`` only: the negatives keep their ``neg_templates``, and mining compares them with the
             learned ID embeddings.
@@ -104,7 +107,8 @@ class NegLabel(Detector):
                  templates: str | Sequence[str] | None = None,
                  lexicon: str | Sequence[str] = "neglabel", neg_templates: dict[str, Any] | None = None,
                  percentile: float = 0.95, ratio: float = 0.15, temperature: float = 0.01, ngroups: int = 100,
-                 seed: int | None = 0, pool: str | None = None, **kw: Any):
+                 seed: int | None = 0, pool: str | None = None, negatives: Sequence[Any] | None = None,
+                 **kw: Any):
         self.pool = pool or self.pool_name
         if self.pool not in _DEFAULTS:
             raise InvalidInputError(f"unknown pool {self.pool!r}; choose 'neglabel' or 'csp'")
@@ -126,6 +130,40 @@ class NegLabel(Detector):
         self.ngroups, self.seed = int(ngroups), None if seed is None else int(seed)
         self.negatives_: list[tuple[str, str]] | None = None  # (label, part of speech)
         self._neg: torch.Tensor | None = None
+        if negatives is not None:
+            self.negatives_ = self._given_negatives(negatives)
+
+    def _given_negatives(self, negatives: Sequence[Any]) -> list[tuple[str, str]]:
+        """``negatives=`` as ``(label, part of speech)``: words (nouns) or ``(word, pos)`` pairs, e.g. an LLM's
+        envisioned outlier classes (:func:`vlmood.lvlm.envision_negatives`). Blank entries are refused; repeats
+        (case-insensitive) are kept once and ID class names dropped, each with a count in one warning."""
+        if isinstance(negatives, (str, bytes)):
+            raise InvalidInputError("negatives must be a list of words, not a single string")
+        out: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        ids = {c.strip().lower() for c in self.classes}
+        repeats = id_hits = 0
+        for k, item in enumerate(negatives):
+            word, pos = (item, "noun") if isinstance(item, str) else (tuple(item) + ("noun",))[:2] \
+                if isinstance(item, (tuple, list)) else (None, None)
+            if not isinstance(word, str) or not word.strip() or not isinstance(pos, str):
+                raise InvalidInputError(f"negatives entry {k + 1} must be a non-empty word or a (word, pos) pair, "
+                                        f"got {item!r}")
+            key = word.strip().lower()
+            if key in ids:
+                id_hits += 1
+            elif key in seen:
+                repeats += 1
+            else:
+                seen.add(key)
+                out.append((word.strip(), pos))
+        if repeats or id_hits:
+            warnings.warn(f"negatives: dropped {repeats} repeated word(s) and {id_hits} ID class name(s); "
+                          f"{len(out)} negatives left", stacklevel=3)
+        if len(out) < self.ngroups:
+            raise InvalidInputError(f"{len(out)} negatives given but ngroups={self.ngroups}; give more words or "
+                                    "lower ngroups")
+        return out
 
     def _templates_for(self, pos: str) -> list[str]:
         return self.neg_templates.get(pos) or self.neg_templates["noun"]

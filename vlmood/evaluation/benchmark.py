@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -59,6 +60,16 @@ def _normalise_ood(ood: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return groups
 
 
+@dataclass
+class _Loaded:
+    """A set's decoded images, their ids and labels (None: unlabelled set), and ``(id, error)`` of skipped ones."""
+
+    images: list[Any]
+    ids: list[str]
+    labels: list[Any] | None
+    errors: list[tuple[str, str]]
+
+
 class Benchmark:
     """An OOD benchmark: an ID image source, OOD sources in named groups, and the ID class names.
 
@@ -97,13 +108,22 @@ class Benchmark:
         self.ood = {g: {n: as_source(s) for n, s in sets.items()} for g, sets in self.ood.items()}
         return self
 
-    def _detectors(self, encoder: Encoder, detectors: DetectorsArg) -> dict[str, Detector]:
+    def _detectors(self, encoder: Encoder | None, detectors: DetectorsArg) -> dict[str, Detector]:
         if isinstance(detectors, str):
             detectors = [d.strip() for d in detectors.split(",") if d.strip()]
         items = detectors.items() if isinstance(detectors, Mapping) else [(None, d) for d in detectors]
         out: dict[str, Detector] = {}
         for key, d in items:
-            if isinstance(d, Detector):
+            if getattr(d, "needs_images", False):  # an LVLM detector: scores images, not features
+                det = d
+                if list(det.classes) != list(self.classes):
+                    raise InvalidInputError(
+                        f"detector {key or det.name!r} has other ID classes (or another order) than the benchmark: "
+                        f"{det.classes[:3]}... vs {self.classes[:3]}...")
+            elif encoder is None:
+                raise InvalidInputError(f"detector {key or d!r} scores image features: pass the encoder to run() "
+                                        "(only detectors that read images, such as LVLMDetector, run without one)")
+            elif isinstance(d, Detector):
                 det = d
                 # a detector built elsewhere must share the images' encoder and the benchmark's classes, or its
                 # scores and accuracy would silently compare features and texts of different models or class orders
@@ -130,15 +150,63 @@ class Benchmark:
             raise InvalidInputError("no detectors to evaluate")
         return out
 
-    def _id_labels(self, id_feats: Features) -> np.ndarray | None:
+    def _id_labels(self, ids: Sequence[str], labels: Sequence[Any] | None) -> np.ndarray | None:
         """Class indices of the ID images, or None when the set has no labels; partly labelled sets are refused."""
-        if id_feats.labels is None:
+        if labels is None:
             return None
-        missing = [i for i, lb in zip(id_feats.ids, id_feats.labels) if lb is None]
+        missing = [i for i, lb in zip(ids, labels) if lb is None]
         if missing:
-            raise InvalidInputError(f"ID set: {len(missing)} of {len(id_feats)} image(s) have no label "
+            raise InvalidInputError(f"ID set: {len(missing)} of {len(ids)} image(s) have no label "
                                     f"(first: {printable(str(missing[0]))}); label every image or none")
-        return map_labels(id_feats.labels, self.classes)
+        return map_labels(labels, self.classes)
+
+    def load_images(self) -> dict[str, "_Loaded"]:
+        """The decoded images of every set (key ``"ID"`` and each OOD set name), for detectors that read images
+        (``needs_images``, e.g. :class:`vlmood.lvlm.LVLMDetector`). An unreadable image stops the run, or with
+        ``on_error="skip"`` is listed and left out. Every image of a set is held in memory."""
+        from ..errors import ImageLoadError
+
+        out: dict[str, _Loaded] = {}
+        for name, src in (("ID", self.id), *((n, s) for g in self.ood.values() for n, s in g.items())):
+            src = as_source(src)
+            loaded = _Loaded([], [], [], [])
+            for i in range(len(src)):
+                try:
+                    im = src.load(i)
+                except ImageLoadError as e:
+                    if self.on_error == "raise":
+                        raise
+                    loaded.errors.append((src.ids[i], str(e)))
+                    continue
+                loaded.images.append(im)
+                loaded.ids.append(src.ids[i])
+                loaded.labels.append(src.labels[i] if src.labels is not None else None)
+            if src.labels is None:
+                loaded.labels = None
+            out[name] = loaded
+        return out
+
+    def _score_images(self, label: str, det: Any, images: dict[str, "_Loaded"], id_labels: np.ndarray | None,
+                      ) -> tuple[dict[str, np.ndarray], float | None, dict[str, dict[str, Any]]]:
+        """Scores of an image detector with its excluded (NaN) images dropped, its ID accuracy over the kept ID
+        images (an invalid response counts as wrong) and, per set, its response statuses."""
+        scores: dict[str, np.ndarray] = {}
+        invalid: dict[str, dict[str, Any]] = {}
+        accuracy = None
+        for name, loaded in images.items():
+            s, labels = det.respond(loaded.images)
+            keep = np.isfinite(s)
+            n = len(s)
+            if not keep.any():
+                raise InvalidInputError(
+                    f"detector {label!r}: none of the {n} image(s) of set {name!r} got a valid response "
+                    f"(statuses: {dict(det.statuses_)}); no metric can be computed")
+            invalid[name] = {"images": n, "invalid": int(det.n_invalid_), "rate": det.n_invalid_ / n if n else 0.0,
+                             "excluded": int(n - keep.sum()), "statuses": dict(sorted(det.statuses_.items()))}
+            scores[name] = s[keep]
+            if name == "ID" and id_labels is not None:
+                accuracy = float(np.mean(labels[keep] == id_labels[keep]))
+        return scores, accuracy, invalid
 
     def extract(self, encoder: Encoder, local: bool = False, cache: CacheArg = True, **kw: Any) -> dict[str, Features]:
         """Features of the ID set (key ``"ID"``) and of every OOD set, each image encoded once."""
@@ -148,7 +216,7 @@ class Benchmark:
                 feats[name] = extract_features(encoder, src, local=local, cache=cache, on_error=self.on_error, **kw)
         return feats
 
-    def run(self, encoder: Encoder, detectors: DetectorsArg = ("mcm",), cache: CacheArg = True,
+    def run(self, encoder: Encoder | None, detectors: DetectorsArg = ("mcm",), cache: CacheArg = True,
             batch_size: int | None = None, num_workers: int | None = None, progress: bool | None = None,
             features: Mapping[str, Features] | None = None) -> Report:
         """Score every set with every detector and compute the metrics.
@@ -161,19 +229,31 @@ class Benchmark:
 
         Images are encoded once (local patch features only when a detector needs them) and every detector
         scores the same :class:`Features`. ``features`` may pass precomputed ones (from :meth:`extract`).
+
+        Detectors that read images rather than features (``needs_images = True``: an
+        :class:`vlmood.lvlm.LVLMDetector`, passed as an object) run in the same call on each set's decoded images
+        (:meth:`load_images`); the encoder then only serves the CLIP detectors (with LVLM detectors alone it may be
+        None). Their excluded images (NaN scores: invalid responses under ``invalid="exclude"``/``"retry"``) are
+        left out of their metrics; each row says how many (``n_id_excluded``, ``n_ood_excluded``) and
+        ``Report.invalid`` holds the invalid-response counts, rates and statuses per set.
         """
         t0 = time.perf_counter()
         dets = self._detectors(encoder, detectors)
-        local = any(d.needs_local for d in dets.values())
+        by_image = {k for k, d in dets.items() if getattr(d, "needs_images", False)}
+        local = any(d.needs_local for k, d in dets.items() if k not in by_image)
         if local:
             encoder.require_local()  # before any image is encoded
-        feats = dict(features) if features is not None else self.extract(
-            encoder, local=local, cache=cache, batch_size=batch_size, num_workers=num_workers, progress=progress)
-        absent = [n for n in ("ID", *(n for g in self.ood.values() for n in g)) if n not in feats]
-        if absent:
-            raise InvalidInputError(f"features= lacks the set(s) {absent}; pass Benchmark.extract's result")
-        id_feats = feats["ID"]
-        id_labels = self._id_labels(id_feats)
+        feats: dict[str, Features] = {}
+        if len(by_image) < len(dets):  # images are encoded only for the detectors that score features
+            feats = dict(features) if features is not None else self.extract(
+                encoder, local=local, cache=cache, batch_size=batch_size, num_workers=num_workers, progress=progress)
+            absent = [n for n in ("ID", *(n for g in self.ood.values() for n in g)) if n not in feats]
+            if absent:
+                raise InvalidInputError(f"features= lacks the set(s) {absent}; pass Benchmark.extract's result")
+        images = self.load_images() if by_image else {}
+        # the two paths may keep different images (features also drop non-finite encodings): labels per path
+        image_labels = self._id_labels(images["ID"].ids, images["ID"].labels) if images else None
+        id_labels = self._id_labels(feats["ID"].ids, feats["ID"].labels) if feats else image_labels
         notes = [] if id_labels is not None else [NO_LABELS]
         if id_labels is None:
             warnings.warn(NO_LABELS, stacklevel=2)
@@ -181,29 +261,43 @@ class Benchmark:
         rows: list[dict[str, Any]] = []
         scores: dict[str, dict[str, np.ndarray]] = {}
         accuracy: dict[str, float | None] = {}
+        invalid: dict[str, dict[str, dict[str, Any]]] = {}
         for label, det in dets.items():
-            s = {"ID": det.score_features(id_feats)}
-            accuracy[label] = (float(np.mean(det.classify_features(id_feats) == id_labels))
-                               if id_labels is not None else None)
+            excluded: dict[str, int] = {}
+            if label in by_image:
+                s, accuracy[label], invalid[label] = self._score_images(label, det, images, image_labels)
+                excluded = {k: v["excluded"] for k, v in invalid[label].items()}
+            else:
+                id_feats = feats["ID"]
+                s = {"ID": det.score_features(id_feats)}
+                accuracy[label] = (float(np.mean(det.classify_features(id_feats) == id_labels))
+                                   if id_labels is not None else None)
+                for sets in self.ood.values():
+                    for name in sets:
+                        s[name] = det.score_features(feats[name])
             for group, sets in self.ood.items():
                 group_rows = []
                 for name in sets:
-                    s[name] = det.score_features(feats[name])
                     m = evaluate(s["ID"], s[name])
                     row = {"method": label, "group": group, "dataset": name, **m,
-                           "n_id": len(id_feats), "n_ood": len(feats[name])}
+                           "n_id": len(s["ID"]), "n_ood": len(s[name])}
+                    if label in by_image:
+                        row.update(n_id_excluded=excluded["ID"], n_ood_excluded=excluded[name])
                     rows.append(row)
                     group_rows.append(row)
                 if len(group_rows) > 1:
                     mean = {k: float(np.mean([r[k] for r in group_rows]))
                             for k in ("auroc", "fpr95", "aupr_in", "aupr_out", "autc")}
                     rows.append({"method": label, "group": group, "dataset": "mean", **mean,
-                                 "n_id": len(id_feats), "n_ood": sum(r["n_ood"] for r in group_rows)})
+                                 "n_id": len(s["ID"]), "n_ood": sum(r["n_ood"] for r in group_rows)})
             scores[label] = s
         skipped = [(name, i, msg) for name, f in feats.items() for i, msg in f.errors]
+        seen = {(name, i) for name, i, _ in skipped}
+        skipped += [(name, i, msg) for name, x in images.items() for i, msg in x.errors if (name, i) not in seen]
+        counts = {k: len(v) for k, v in feats.items()} if feats else {k: len(v.images) for k, v in images.items()}
         report = Report(name=self.name, rows=rows, id_accuracy=accuracy, scores=scores, skipped=skipped,
-                        counts={k: len(v) for k, v in feats.items()}, groups={g: list(s) for g, s in self.ood.items()},
-                        seconds=time.perf_counter() - t0, notes=notes)
+                        counts=counts, groups={g: list(s) for g, s in self.ood.items()},
+                        seconds=time.perf_counter() - t0, notes=notes, invalid=invalid)
         if progress is not False:
             print(report.summary(), file=sys.stderr)
         return report

@@ -51,7 +51,10 @@ class Report:
     a group with several OOD sets also gets a ``dataset == "mean"`` row. ``id_accuracy``: per method, the
     zero-shot accuracy on labelled ID images (None without labels). ``scores``: per method, the score
     arrays of ``"ID"`` and each OOD set. ``skipped``: ``(set, image id, reason)`` for unreadable images.
-    ``notes``: caveats shown in the report (e.g. why ID accuracy is n/a).
+    ``notes``: caveats shown in the report (e.g. why ID accuracy is n/a). ``invalid``: for detectors that ask a
+    vision-language model (:class:`vlmood.lvlm.LVLMDetector`), per method and set ``{"images", "invalid", "rate",
+    "excluded", "statuses"}``: how many responses were invalid, the excluded images (left out of the metrics and of
+    ``scores``) and the count of each parse status; empty for CLIP-only runs (their reports are unchanged).
     """
 
     name: str
@@ -63,6 +66,7 @@ class Report:
     groups: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    invalid: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def metric(self, method: str, dataset: str, key: str, group: str | None = None) -> float:
         """One number, e.g. ``report.metric("mcm", "textures", "auroc")`` (``dataset="mean"`` needs ``group``)."""
@@ -107,6 +111,17 @@ class Report:
         for r in self.rows:
             out.append("| " + " | ".join([_cell(r["method"]), _cell(r["group"]), _cell(r["dataset"])]
                                          + [f"{100 * r[k]:.2f}" for k in METRICS]) + " |")
+        if self.invalid:
+            out += ["", "## Invalid responses (vision-language model detectors)", "",
+                    "Invalid responses are excluded from the metrics (NaN scores) or scored 0 (OOD), per the "
+                    "detector's rule; rate = invalid / images.", ""]
+            head = ["method", "set", "images", "invalid", "rate %", "excluded", "statuses"]
+            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for m, sets in self.invalid.items():
+                for name, v in sets.items():
+                    st = ", ".join(f"{k}: {c}" for k, c in v["statuses"].items())
+                    out.append("| " + " | ".join([_cell(m), _cell(name), str(v["images"]), str(v["invalid"]),
+                                                  f"{100 * v['rate']:.2f}", str(v["excluded"]), _cell(st)]) + " |")
         if self.skipped:
             out += ["", f"## Skipped images ({len(self.skipped)})", ""]
             out += [f"- `{printable(s)}` {printable(i)}: {printable(msg)}" for s, i, msg in self.skipped]
@@ -125,9 +140,12 @@ class Report:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean({"name": self.name, "rows": self.rows, "id_accuracy": self.id_accuracy, "counts": self.counts,
-                       "groups": self.groups, "seconds": self.seconds, "notes": self.notes,
-                       "skipped": [{"set": s, "id": i, "error": e} for s, i, e in self.skipped]})
+        out = {"name": self.name, "rows": self.rows, "id_accuracy": self.id_accuracy, "counts": self.counts,
+               "groups": self.groups, "seconds": self.seconds, "notes": self.notes,
+               "skipped": [{"set": s, "id": i, "error": e} for s, i, e in self.skipped]}
+        if self.invalid:  # only runs with LVLM detectors: CLIP-only results keep their exact content
+            out["invalid"] = self.invalid
+        return _clean(out)
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
