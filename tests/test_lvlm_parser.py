@@ -133,8 +133,10 @@ def test_plurals():
                        ["bus", "box", "strawberry", "glass", "horse"])
     assert p.confidences == {"bus": 60.0, "box": 10.0, "strawberry": 10.0, "glass": 10.0, "horse": 10.0}
     assert "read 'buses' as 'bus'" in p.reason
-    # a plural class name read from a singular key
-    assert parse_response('{"cat": 90}', ["cats", "dogs"]).confidences == {"cats": 90.0}
+    # only a plural reply -> a singular class; a singular reply is not read as a plural class ("glass" != "glasses")
+    p = parse_response('{"glass": 90}', ["glasses", "cup"])
+    assert (p.status, p.valid, p.confidences) == ("off_list", False, {})
+    assert parse_response('{"cat": 90}', ["cats", "dogs"]).status == "off_list"
 
 
 def test_stray_punctuation_and_markdown():
@@ -147,7 +149,10 @@ def test_stray_punctuation_and_markdown():
 def test_lost_leading_letter_only_when_unambiguous():
     p = P('{"at": 80, "dog": 15, "bird": 5}')
     assert p.confidences == {"cat": 80.0, "dog": 15.0, "bird": 5.0}
-    assert "read 'at' as 'cat' (lost first letter)" in p.reason
+    assert "read 'at' as 'cat' (lost first letter; every other class listed)" in p.reason
+    p = P('{"at": 80, "dog": 20}')  # bird not listed: "at" is not guessed
+    assert (p.status, p.confidences, p.prediction) == ("partial", {"dog": 20.0}, "dog")
+    assert "ignored 1 confidence(s) for names not in the class list: 'at'" in p.reason
     p = parse_response('{"at": 80, "dog": 20}', ["cat", "bat", "dog"])  # cat or bat: not guessed
     assert p.confidences == {"dog": 20.0} and p.status == "partial"
     assert "'at'" in p.reason  # named among the ignored names
@@ -319,3 +324,97 @@ def test_bad_classes_are_one_clear_error(classes, msg):
 def test_valid_statuses_documented():
     assert VALID_STATUSES == {"complete", "partial", "truncated", "single_value", "none_of_these"}
     assert VALID_STATUSES <= set(STATUSES)
+
+
+# ----------------------------------------------------------------------------------------------- review fixes
+C100 = None
+
+
+def cifar():
+    global C100
+    if C100 is None:
+        import vlmood
+        C100 = list(vlmood.load_classes("cifar100")) + [NONE_LABEL]
+    return C100
+
+
+def test_lost_first_letter_needs_every_other_class():
+    p = parse_response('{"owl": 93, "none of these classes": 7}', cifar())  # not bowl
+    assert (p.status, p.valid, p.confidences, p.prediction) == ("none_of_these", True, {NONE_LABEL: 7.0}, None)
+    assert "ignored 1 confidence(s) for names not in the class list: 'owl'" in p.reason
+    p = parse_response('{"hair": 91}', cifar())  # not chair
+    assert (p.status, p.valid, p.confidences) == ("off_list", False, {})
+    assert p.reason == "confidences only for names not in the class list: 'hair'"
+
+
+def test_lost_first_letter_never_for_a_stated_prediction():
+    p = parse_response("Prediction: rain\nConfidence: 80", cifar())  # not train
+    assert (p.status, p.valid, p.confidences, p.prediction) == ("single_value", False, {}, None)
+    assert p.reason == "one confidence (80) but the stated prediction 'rain' is not a listed class"
+
+
+@pytest.mark.parametrize("text,classes", [('{"sea-lion": 90}', None), ('{"teddy-bear": 88}', None),
+                                          ('{"t-shirt": 85}', ["shirt"]), ('{"x": 5, "sea-lion": 90}', None)])
+def test_hyphenated_name_is_not_its_last_word(text, classes):
+    p = parse_response(text, classes or cifar())
+    assert p.status == "off_list" and p.confidences == {} and not p.valid, p.reason
+
+
+def test_hyphen_bullets_still_start_keys():
+    p = P("- cat: 80\n -dog: 15\n-bird: 5")
+    assert p.confidences == {"cat": 80.0, "dog": 15.0, "bird": 5.0}
+
+
+@pytest.mark.parametrize("text,classes", [("Prediction: house cat\nConfidence: 80", None),
+                                          ("Prediction: dog house\nConfidence: 90", ["dog", "cat"])])
+def test_prediction_prefix_needs_punctuation_or_a_number_after(text, classes):
+    p = parse_response(text, classes or cifar())
+    assert (p.status, p.valid, p.confidences, p.prediction) == ("single_value", False, {}, None), p.reason
+    assert P("Prediction: dog house").status == "prediction_only" and P("Prediction: dog house").prediction is None
+
+
+def test_prediction_prefix_with_punctuation_or_number():
+    assert P("Prediction: cat (95%)\nConfidence: 95").confidences == {"cat": 95.0}
+    assert P("Prediction: cat - 90\nConfidence: 90").prediction == "cat"
+    assert P("Prediction: cat, 90\nConfidence: 90").prediction == "cat"
+
+
+def test_trailing_explanation_does_not_replace_the_answer():
+    classes = ["cat", "dog", NONE_LABEL]
+    p = parse_response('Prediction: cat\nConfidence: {"cat": 95, "dog": 3, "none of these classes": 2}\n'
+                       'Explanation: dog: 3 because no dog is visible.', classes)
+    assert (p.status, p.prediction, p.confidences) == ("complete", "cat", {"cat": 95.0, "dog": 3.0, NONE_LABEL: 2.0})
+    assert "used the complete one with the most listed classes (#1)" in p.reason
+
+
+def test_repeated_key_does_not_split_the_answer():
+    classes = ["cat", "dog", NONE_LABEL]
+    p = parse_response('{"cat": 95, "dog": 3, "none of these classes": 2, "cat": 10}', classes)
+    assert (p.status, p.valid, p.confidences["cat"]) == ("complete", True, 95.0)
+    assert "a class is repeated within one list" in p.reason
+
+
+def test_equal_lists_take_the_one_after_a_confidence_label():
+    # same count: the one after "Confidence:", wherever it is; else the last
+    p = P('Confidence: {"cat": 70, "dog": 20, "bird": 10}\nNotes: cat: 1, dog: 2, bird: 3')
+    assert p.confidences == {"cat": 70.0, "dog": 20.0, "bird": 10.0}
+    p = P('cat: 1, dog: 2, bird: 3\nConfidence: {"cat": 70, "dog": 20, "bird": 10}')
+    assert p.confidences == {"cat": 70.0, "dog": 20.0, "bird": 10.0}
+    assert P('{"cat": 70, "dog": 20, "bird": 10}\n{"cat": 1, "dog": 2, "bird": 3}').confidences["cat"] == 1.0
+
+
+def test_exponent_values():
+    assert P('{"cat": 8e1, "dog": 1.5E1, "bird": 5}').confidences == {"cat": 80.0, "dog": 15.0, "bird": 5.0}
+
+
+@pytest.mark.parametrize("text,bad,pred", [
+    ('{"cat": NaN, "dog": 60, "bird": 5}', "cat", None),
+    ('Prediction: cat\nConfidence: {"cat": "high", "dog": 10, "bird": 5}', "cat", "cat"),
+    ('Prediction: cat\nConfidence: {"cat": 90, "dog": "low", "bird": 5}', "dog", "cat"),
+    ("- cat: 80\n- dog: 10\n- bird: null", "bird", None),
+])
+def test_unreadable_value_for_a_listed_class_is_invalid(text, bad, pred):
+    p = P(text)
+    assert (p.status, p.valid, p.prediction) == ("bad_value", False, pred)
+    assert bad not in p.confidences
+    assert p.reason.startswith(f"unreadable value for 1 listed class(es): {bad!r}; S_max unknown")

@@ -444,10 +444,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _lvlm_client(args: argparse.Namespace) -> Any:
     """The ``vlmood lvlm`` client, checked against the server (reachable, model served) before any image is read."""
-    try:
-        from .lvlm.http import OpenAIClient
-    except ImportError as e:  # httpx missing
-        raise _UsageError(f"vlmood lvlm needs the lvlm extra: pip install 'vlmood[lvlm]' ({e})") from None
+    import importlib.util
+
+    if importlib.util.find_spec("httpx") is None:  # the client imports it lazily: check here, once, with the fix
+        raise _UsageError("vlmood lvlm needs the lvlm extra (httpx): pip install 'vlmood[lvlm]'")
+    from .lvlm.http import OpenAIClient
     for flag, v, lo in (("--concurrency", args.concurrency, 1), ("--max-retries", args.max_retries, 0),
                         ("--max-tokens", 1 if args.max_tokens is None else args.max_tokens, 1)):
         if v < lo:
@@ -519,6 +520,10 @@ def _cmd_lvlm(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(det.statuses_.items()))
     print(f"scored {len(items)} image(s) with {args.model} ({args.prompt}); invalid {det.n_invalid_} "
           f"({counts}); wrote {printable(str(out))}")
+    if items and det.statuses_.get("error", 0) == len(items):  # not one answer: the server, not the images
+        first = next(p.reason for p in det.responses_ if p.status == "error")
+        print(f"vlmood lvlm: error: no request got an answer (first: {printable(first)})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -1031,6 +1036,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             how = ("the run folder keeps the last checkpoint: run the same command with "
                    "--resume to continue" if args.command == "train" else
+                   "the response cache keeps every answer received: run the same command again to resume"
+                   if args.command == "lvlm" else
                    "the feature cache keeps what was encoded: run the same command again to resume")
             print(f"vlmood {args.command}: interrupted ({how})", file=sys.stderr)
             return 130

@@ -32,3 +32,8 @@ class WorkerKilledError(VlmoodError, RuntimeError):
 
 class NonFiniteEmbeddingError(VlmoodError, ValueError):
     """The text encoder returned NaN/Inf for some prompts (fp16 overflow, broken weights)."""
+
+
+class ServiceError(VlmoodError, ConnectionError):
+    """A server (an LVLM endpoint) could not be reached or answered with an error: the environment, not the
+    arguments (the CLI exits with status 1)."""

@@ -27,12 +27,14 @@ class Request:
 @dataclass
 class Reply:
     """The outcome of one request: ``text`` (None when it failed), ``error`` (one line, None on success),
-    ``cached`` (served from the response cache) and ``attempts`` (HTTP tries, 0 when cached)."""
+    ``cached`` (served from the response cache), ``attempts`` (HTTP tries, 0 when cached) and ``truncated`` (the
+    answer stopped at the token limit: ``finish_reason == "length"``, or ``max_tokens`` new tokens without an end)."""
 
     text: str | None
     error: str | None = None
     cached: bool = False
     attempts: int = 0
+    truncated: bool = False
 
 
 @dataclass

@@ -109,7 +109,18 @@ class ResponseCache:
             return None
         return entry["text"]
 
-    def put(self, key: str, text: str) -> bool:
+    def get_entry(self, key: str) -> tuple[str, bool] | None:
+        """``(text, truncated)`` stored for ``key``, or None (see :meth:`get`)."""
+        text = self.get(key)
+        if text is None:
+            return None
+        try:
+            entry = json.loads(self.path(key).read_bytes().decode("utf-8", "surrogatepass"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return text, False
+        return text, bool(entry.get("truncated", False)) if isinstance(entry, dict) else False
+
+    def put(self, key: str, text: str, truncated: bool = False) -> bool:
         """Store ``text`` (a successful reply) under ``key`` atomically; False (with one warning per cache folder)
         when it cannot be written: the run goes on without caching."""
         if not isinstance(text, str):
@@ -117,7 +128,8 @@ class ResponseCache:
         from ..text.cache import atomic_write_bytes
 
         p = self.path(key)
-        data = json.dumps({"key": key, "text": text}, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        entry = {"key": key, "text": text, **({"truncated": True} if truncated else {})}
+        data = json.dumps(entry, ensure_ascii=False).encode("utf-8", "surrogatepass")
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(p, data)

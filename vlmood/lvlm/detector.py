@@ -73,7 +73,9 @@ class LVLMDetector:
 
     After each call: ``responses_`` (one ``ParsedResponse`` per image, ReGuide: the stage-2 answer; classes outside
     the ID list are dropped from its confidences only for scoring), ``statuses_`` (count per status),
-    ``suggestions_`` (ReGuide: the outlier names used per image), ``attempts_`` (asks per image).
+    ``suggestions_`` (ReGuide: the outlier names used per image), ``stage1_failed_`` (ReGuide: images whose stage 1
+    failed or gave no usable name; their stage 2 runs over the ID classes only, as the baseline), ``attempts_``
+    (asks per image). ``classify`` gives -1 for an invalid answer and for "none of these classes".
     """
 
     name = "lvlm"
@@ -110,6 +112,8 @@ class LVLMDetector:
         self.responses_: list[Any] = []
         self.statuses_: dict[str, int] = {}
         self.suggestions_: list[list[str]] = []
+        self.stage1_failed_ = 0
+        self._stage1_failed = 0
         self.attempts_: list[int] = []
         self._index = {c: i for i, c in enumerate(self.classes)}
 
@@ -144,15 +148,36 @@ class LVLMDetector:
             return _invalid(ERROR_STATUS, reply.error or "request failed")
         from .parser import parse_response
 
-        return parse_response(reply.text, classes + [P.NONE_CLASS])
+        p = parse_response(reply.text, classes + [P.NONE_CLASS])
+        return self._cut(p) if getattr(reply, "truncated", False) and p.valid else p
+
+    def _cut(self, p: Any) -> Any:
+        """A parsed answer that stopped at the token limit: its last confidence may itself be cut ("9" of "95"),
+        so it is dropped, and the answer stays valid only when what is left decides ``S_max`` (a kept ID
+        confidence of 100, or the stated prediction's kept confidence being the highest), as the parser's rule for
+        visibly cut answers."""
+        from .parser import ParsedResponse
+
+        conf = dict(p.confidences)
+        if conf:
+            conf.pop(list(conf)[-1])
+        ids = {c: v for c, v in conf.items() if c in self._index}
+        best = max(ids.values()) if ids else None
+        decided = bool(ids) and (best >= 100.0 or (p.prediction in ids and ids[p.prediction] == best))
+        return ParsedResponse(confidences=conf, prediction=p.prediction, valid=decided, status="truncated",
+                              reason=f"the reply stopped at the token limit (dropped its last entry); "
+                                     f"{'what is left decides S_max' if decided else 'S_max is undecided'}")
 
     def _suggest(self, images: list[Any]) -> list[list[str]]:
         prompt = P.reguide_stage1(self.classes, self.n_suggest)
         idx = [i for i, im in enumerate(images) if not isinstance(im, _Unreadable)]
         replies = self._generate([Request(prompt, images[i]) for i in idx], 0)
         out: list[list[str]] = [[] for _ in images]
+        failed = 0
         for i, r in zip(idx, replies):
             out[i] = P.parse_suggestions(r.text, self.classes, self.n_suggest)
+            failed += not out[i]  # a failed request, a refusal, no usable name: stage 2 runs without suggestions
+        self._stage1_failed += failed
         return out
 
     def _ask(self, images: list[Any], suggestions: list[list[str]]) -> tuple[list[Any], list[int]]:
@@ -204,8 +229,8 @@ class LVLMDetector:
 
     def _label(self, p: Any) -> int:
         conf = {c: v for c, v in p.confidences.items() if c in self._index}
-        if not p.valid or not conf:
-            return -1
+        if not p.valid or not conf or max(conf.values()) <= 0 or p.status == "none_of_these":
+            return -1  # no ID class: an invalid answer, or "none of these classes"
         return self._index[max(conf, key=lambda c: (conf[c], -self._index[c]))]
 
     def _load(self, images: Any) -> Any:
@@ -221,6 +246,7 @@ class LVLMDetector:
         an ``ImageSource``). An image that cannot be decoded is not sent: status ``"unreadable"``, invalid.
         """
         src = self._load(images)
+        self._stage1_failed = 0
         responses: list[Any] = []
         suggestions: list[list[str]] = []
         attempts: list[int] = []
@@ -238,6 +264,7 @@ class LVLMDetector:
             attempts += asks
         self.responses_, self.suggestions_, self.attempts_ = responses, suggestions, attempts
         self.statuses_ = dict(Counter(p.status for p in responses))
+        self.stage1_failed_ = self._stage1_failed  # ReGuide: images whose stage 1 gave no usable outlier name
         scores = np.array([self._smax(p) if p.valid else (0.0 if self.invalid == "ood" else math.nan)
                            for p in responses], dtype=np.float64)
         labels = np.array([self._label(p) for p in responses], dtype=np.int64)

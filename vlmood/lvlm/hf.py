@@ -207,7 +207,7 @@ class TransformersClient(LVLMClient):
 
             known = GenerationConfig()
             bad = sorted(k for k in extra if k != "seed" and (not hasattr(known, k)
-                                                              or k in ("max_new_tokens", "do_sample")))
+                                                              or k in ("max_new_tokens", "do_sample", "num_return_sequences")))
             seed = extra.get("seed")
             if "seed" in extra and (isinstance(seed, bool) or not isinstance(seed, int)):
                 raise InvalidInputError(f"seed must be an integer, got {seed!r}")
@@ -243,9 +243,9 @@ class TransformersClient(LVLMClient):
                         _load_pil(req.image)  # names the problem in one line (missing, a folder, ...)
                         raise
                     key = self.cache.key(self.model_id, req.prompt, ihash, gp.key())
-                    hit = self.cache.get(key)
+                    hit = self.cache.get_entry(key)
                     if hit is not None:
-                        replies[i] = Reply(hit, cached=True, attempts=0)
+                        replies[i] = Reply(hit[0], cached=True, attempts=0, truncated=hit[1])
                         continue
                 image = _load_pil(req.image) if req.image is not None else None
                 text = self.processor.apply_chat_template(_to_chat(req.prompt, image is not None),
@@ -270,18 +270,23 @@ class TransformersClient(LVLMClient):
                             outs.extend(self._generate([item], gp))
                         except Exception as e:  # noqa: BLE001
                             outs.append(e)
+                if len(outs) != len(chunk):  # e.g. num_return_sequences: never pair answers with other requests
+                    raise InvalidInputError(f"the model returned {len(outs)} answers for {len(chunk)} requests; "
+                                            "one answer per request is needed (drop num_return_sequences)")
                 for (i, _, _, key), out in zip(chunk, outs):
                     if isinstance(out, BaseException):
                         replies[i] = Reply(None, error=f"generation failed: {type(out).__name__}: {_one_line(out)}",
                                            attempts=1)
                     else:
+                        text, cut = out
                         if key is not None:
-                            self.cache.put(key, out)
-                        replies[i] = Reply(out, attempts=1)
+                            self.cache.put(key, text, cut)
+                        replies[i] = Reply(text, attempts=1, truncated=cut)
                 bar.update(len(chunk))
         return [r for r in replies if r is not None]
 
-    def _generate(self, chunk: list[tuple[int, str, Any, str | None]], gp: GenerationParams) -> list[str]:
+    def _generate(self, chunk: list[tuple[int, str, Any, str | None]],
+                  gp: GenerationParams) -> list[tuple[str, bool]]:
         """One batched ``model.generate`` over rendered texts (and their images); the new tokens decoded."""
         import torch
 
@@ -308,4 +313,13 @@ class TransformersClient(LVLMClient):
             out = self.model.generate(**inputs, **kw)
         if not getattr(self.model.config, "is_encoder_decoder", False):
             out = out[:, inputs["input_ids"].shape[1]:]
-        return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+        texts = self.processor.batch_decode(out, skip_special_tokens=True)
+        # cut by the token limit: max_new_tokens generated and no end-of-sequence among them
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        pad = self.tokenizer.pad_token_id
+        cut = []
+        for row in out.tolist():
+            toks = [t for t in row if t != pad] if pad not in eos else row
+            cut.append(len(row) >= gp.max_tokens and not (eos & set(toks)))
+        return [(t.strip(), c) for t, c in zip(texts, cut)]

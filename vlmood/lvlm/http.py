@@ -33,7 +33,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Sequence
 
 from .._io import printable
-from ..errors import InvalidInputError, VlmoodError
+from ..errors import InvalidInputError, ServiceError, VlmoodError
 from .base import GenerationParams, LVLMClient, Messages, Reply, Request
 from .cache import ResponseCache, image_hash
 
@@ -152,6 +152,14 @@ def _reply_text(body: Any) -> str:
     if isinstance(content, list):  # content parts
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return str(content)
+
+
+def _finish_reason(body: Any) -> str | None:
+    """``choices[0].finish_reason`` of a chat-completion body (``"length"``: cut by the token limit), or None."""
+    try:
+        return body["choices"][0].get("finish_reason")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
 
 
 def _server_message(resp: Any) -> str:
@@ -275,21 +283,21 @@ class OpenAIClient(LVLMClient):
         try:
             resp = self._client().get(url, timeout=min(self.timeout, 10.0))
         except httpx.TimeoutException:
-            raise VlmoodError(f"LVLM server at {self.base_url} did not answer GET {url} within "
+            raise ServiceError(f"LVLM server at {self.base_url} did not answer GET {url} within "
                               f"{min(self.timeout, 10.0):g} s") from None
         except httpx.HTTPError as e:
-            raise VlmoodError(f"cannot reach the LVLM server at {self.base_url} ({type(e).__name__}: "
+            raise ServiceError(f"cannot reach the LVLM server at {self.base_url} ({type(e).__name__}: "
                               f"{self._mask(_one_line(str(e) or 'no detail'))}); is it running?") from None
         if resp.status_code in (404, 405, 501):  # a server without a model listing: the first request will tell
             self._checked = True
             return []
         if resp.status_code != 200:
-            raise VlmoodError(f"LVLM server at {self.base_url} answered GET {url} with HTTP {resp.status_code}: "
+            raise ServiceError(f"LVLM server at {self.base_url} answered GET {url} with HTTP {resp.status_code}: "
                               f"{self._mask(_one_line(_server_message(resp)))}")
         try:
             served = [str(m["id"]) for m in resp.json()["data"]]
         except (ValueError, KeyError, TypeError):
-            raise VlmoodError(f"LVLM server at {self.base_url} answered GET {url} with something other than a "
+            raise ServiceError(f"LVLM server at {self.base_url} answered GET {url} with something other than a "
                               "model list; is it an OpenAI-compatible server?") from None
         if self.model not in served and f"{self.model}:latest" not in served:
             raise VlmoodError(f"LVLM server at {self.base_url} does not serve model {self.model!r}; it serves: "
@@ -320,7 +328,8 @@ class OpenAIClient(LVLMClient):
             else:
                 if resp.status_code == 200:
                     try:
-                        return Reply(_reply_text(resp.json()), attempts=attempt)
+                        body = resp.json()
+                        return Reply(_reply_text(body), attempts=attempt, truncated=_finish_reason(body) == "length")
                     except ValueError as e:
                         return Reply(None, self._mask(f"unreadable reply from {url}: {_one_line(str(e))}"),
                                      attempts=attempt)
@@ -364,9 +373,9 @@ class OpenAIClient(LVLMClient):
             except OSError as e:
                 replies[i] = Reply(None, f"cannot read image {printable(os.fsdecode(r.image))}: {e.strerror or e}")
                 continue
-            text = self.cache.get(key) if key is not None else None
-            if text is not None:
-                replies[i] = Reply(text, cached=True, attempts=0)
+            hit = self.cache.get_entry(key) if key is not None else None
+            if hit is not None:
+                replies[i] = Reply(hit[0], cached=True, attempts=0, truncated=hit[1])
             else:
                 todo.append((i, r, key))
         if todo:
@@ -382,7 +391,7 @@ class OpenAIClient(LVLMClient):
                 "max_tokens": gen.max_tokens, **gen.extra}
         reply = self._post(body, stop)
         if reply.text is not None and key is not None and self.cache is not None:
-            self.cache.put(key, reply.text)  # at once: an interrupted run resumes from here
+            self.cache.put(key, reply.text, reply.truncated)  # at once: an interrupted run resumes from here
         return reply
 
     def _run(self, todo: list[tuple[int, Request, str | None]], replies: list[Reply | None],

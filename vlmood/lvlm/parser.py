@@ -3,14 +3,19 @@
 The prompts ask for ``Prediction: <class>`` then ``Confidence: {"<class>": <value>, ...}`` (0-100 per class,
 ``"none of these classes"`` included), but real answers deviate. Handled: JSON or Python-dict confidences, quoted,
 unquoted or brace/bracket-wrapped keys (``{cat}: 80``), percent signs, ``x/100`` or ``x/10`` values, values as strings
-(``"85%"``), fractions (every value <= 1 with a decimal point: scaled to 0-100), several answers in one response (the
-last complete one is used), a dict cut off by the token limit, case differences, plurals (``cats`` -> ``cat``), stray
-punctuation and markdown, one lost leading letter (``at`` -> ``cat``, only when exactly one class fits), chat-template
+(``"85%"``), exponents (``8e1``), fractions (every value <= 1 with a decimal point: scaled to 0-100), several answers
+in one response (the complete one listing the most classes is used; ties: the one after a ``Confidence:`` label, then
+the last; a repeated key does not start a new answer), a dict cut off by the token limit, case differences, plural
+replies (``cats`` -> ``cat``; never ``glass`` -> ``glasses``), stray punctuation and markdown, one lost leading letter
+(``at`` -> ``cat``: only when exactly one class fits, the answer lists every other class and the name is a key, never
+a stated prediction, so ``owl`` is not ``bowl``), chat-template
 tokens (``<|im_end|>``, ``</s>``, ``<|eot_id|>``, ``[INST]``...; text after an end-of-turn token is dropped),
 ``<think>...</think>`` blocks, refusals, descriptions without numbers, every confidence 0, confidences on classes
 outside the list (ignored, named in ``reason``) and class names that contain the format's delimiters (quotes, colons,
 braces, commas: a key is matched against the class names longest first, so ``"a, b: c": 70`` is the class
-``a, b: c``). Nothing raises for any text; a malformed ``classes`` argument is a usage error
+``a, b: c``; a class name inside a longer word is not a key: ``sea-lion`` is not ``lion``, a ``-`` starts a key only
+as a bullet at a line start or after a space). A stated prediction that starts with a class name counts only when
+punctuation or a number follows (``cat (95%)``, not ``house cat`` -> ``house``). Nothing raises for any text; a malformed ``classes`` argument is a usage error
 (:class:`~vlmood.errors.InvalidInputError`).
 
 Statuses (:data:`STATUSES`); :data:`VALID_STATUSES` are those that can be valid, and ``ParsedResponse.valid`` is the
@@ -31,7 +36,11 @@ single_value    cond. one number not attached to a class (``Confidence: 85``, ``
 none_of_these   yes   the answer is "none of these classes": stated (``Prediction: none of these classes``,
                       ``None of the above``) or the strictly highest confidence, with no positive ID-class
                       confidence; or every ID class given with confidence 0 (an all-zero answer means
-                      none-of-these). ``S_max`` = 0
+                      none-of-these); or the none label is the only listed class given (``{"owl": 93,
+                      "none of these classes": 7}``: owl is not listed, so OOD). ``S_max`` = 0
+bad_value       no    a listed class is written with a value that is not a number (``NaN``, ``"high"``, ``null``):
+                      ``S_max`` is unknown, so the answer is invalid whichever class it is (the readable values
+                      are kept in ``confidences``, the reason names the class)
 prediction_only no    a stated prediction (an ID class, or a name not in the list) without any number
 refusal         no    no answer, and the text refuses ("I'm sorry, I can't ...", "As an AI ..."). A refusal
                       phrase beside an answer is ignored (the answer is parsed)
@@ -66,8 +75,8 @@ from ..errors import InvalidInputError
 NONE_LABEL = "none of these classes"
 """The extra answer of every classification prompt (``vlmood.lvlm.prompts.NONE_CLASS``)."""
 
-STATUSES = ("complete", "partial", "truncated", "single_value", "none_of_these", "prediction_only", "refusal",
-            "no_confidence", "off_list", "empty", "parse_error")
+STATUSES = ("complete", "partial", "truncated", "single_value", "none_of_these", "bad_value", "prediction_only",
+            "refusal", "no_confidence", "off_list", "empty", "parse_error")
 VALID_STATUSES = frozenset({"complete", "partial", "truncated", "single_value", "none_of_these"})
 """Statuses that can be valid; ``truncated`` and ``single_value`` are valid only under the conditions in the module
 doc, so use ``ParsedResponse.valid``."""
@@ -106,12 +115,16 @@ _LABEL = re.compile(r"(?im)^[ \t>*#\-\u2022]*(?:\*\*|__)?[ \t]*(?:final[ \t]+|my
                     r"predicted|answer|classification|class|label|category)[ \t]*(?:\*\*|__)?[ \t]*[:=][ \t]*"
                     r"(?:\*\*|__)?(?P<val>[^\n]*)")
 
-_NUM = r"[-+]?(?:\d+(?:\.\d+)?|\.\d+)"
+_NUM = r"[-+]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"  # 8e1 = 80
 _ENTRY = re.compile(
     r"(?:[ \t]*(?:[:=|]|->|=>|[ \t][-\u2013\u2014][ \t]|\()[ \t*_]*|[ \t]+(?=" + _NUM + r"[ \t]*(?:%|percent\b)))"
     r"(?P<q>[\"']?)[ \t]*(?P<num>" + _NUM + r")[ \t]*(?P<pct>%|percent\b)?"
     r"(?:[ \t]*/[ \t]*(?P<den>100|10|1)(?![\d.]))?[ \t]*(?P=q)"
     r"(?!\w|\.\d|[\"']?[ \t]*[:=])", re.I)
+_CONF_LABEL = re.compile(r"(?i)\bconfidences?[ \t]*(?:\*\*|__)?[ \t]*[:=]")
+_BADVAL = re.compile(r"(?P<q>[\"'`*]*)(?P<key>[^\"'`*{}\[\],;:=\n]{1,80})(?P=q)[ \t]*[:=][ \t]*"
+                     r"(?P<val>\"[^\"\n]{0,30}\"|'[^'\n]{0,30}'|[^\W\d_][\w/.-]{0,20})")
+_KV_LINE = re.compile(r"[ \t]*[-*\u2022]?[ \t]*[\"'`*]*[^:\n]{1,60}[\"'`*]*[ \t]*[:=][^\n]{0,30}(?:\n|$)")
 _WS_SEP = re.compile(r"^[ \t]+(?=[-+.\d])")  # an entry found by the "name 85%" rule (no separator character)
 
 _STRUCT = set("{[(,;:|<\n-\u2022.")  # what may precede a key
@@ -195,8 +208,7 @@ class _Index:
             exact[low] = c if exact.get(low, c) == c else None  # None: ambiguous ("Cat" and "cat")
             k = _canon(c)
             self.canon[k] = c if self.canon.get(k, c) == c else None
-            for key in [k] + _singulars(k):
-                self.single[key] = c if self.single.get(key, c) == c else None
+            self.single[k] = c if self.single.get(k, c) == c else None  # a reply's plural -> a singular class only
         for c in classes:
             k = _canon(c)
             if len(k) >= 3 and k[0].isalpha():
@@ -204,10 +216,12 @@ class _Index:
                 self.drop1[key] = c if self.drop1.get(key, c) == c else None
         self.lengths = sorted(self.by_len, reverse=True)
 
-    def fuzzy(self, token: str, quoted: bool = True) -> tuple[str, str | None, str]:
-        """``(kind, class, note)`` for a cleaned key: kind ``class`` / ``none`` / ``label`` / ``off`` / ``junk``.
-        An unknown name counts as a key (``off``) when quoted (<= 8 words) or short (<= 3 words, not ending in a
-        number); longer unquoted text before a number is prose, not a key."""
+    def fuzzy(self, token: str, quoted: bool = True, lost: bool = True) -> tuple[str, str | None, str]:
+        """``(kind, class, note)`` for a cleaned key: kind ``class`` / ``none`` / ``label`` / ``lost`` / ``off`` /
+        ``junk``. ``lost``: the name is a class with its first letter lost (``at`` -> ``cat``), kept only when the
+        answer lists every other class (decided in :func:`_from_group`; never for a stated prediction). An unknown
+        name counts as a key (``off``) when quoted (<= 8 words) or short (<= 3 words, not ending in a number);
+        longer unquoted text before a number is prose, not a key."""
         k = _canon(token)
         if not k:
             return "junk", None, ""
@@ -224,10 +238,10 @@ class _Index:
             return "none", self.none_class, ""
         if _LABEL_WORDS.search(k) or k in ("prediction", "answer", "value"):
             return "label", None, ""
-        if len(k) >= 2 and k.replace(" ", "").isalpha() and k in self.drop1 and k not in self.single:
+        if lost and len(k) >= 2 and k.replace(" ", "").isalpha() and k in self.drop1 and k not in self.single:
             c = self.drop1[k]
             if c is not None:
-                return "class", c, f"read {token!r} as {c!r} (lost first letter)"
+                return "lost", c, f"read {token!r} as {c!r} (lost first letter; every other class listed)"
         words = k.split()
         if re.search(r"[^\W\d_]", k) and len(k) <= 80 and (len(words) <= 8 if quoted else
                                                           len(words) <= 3 and not words[-1].isdigit()):
@@ -252,12 +266,14 @@ class _Index:
         return 0
 
     def prefix(self, low: str) -> str | None:
-        """The longest class name that ``low`` starts with (at a word boundary)."""
+        """The longest class name that ``low`` starts with, followed by nothing, punctuation or a number (``cat (95%)``,
+        ``cat - 90``; not ``house cat`` -> ``house`` nor ``dog house`` -> ``dog``)."""
         for n in self.lengths:
             if n > len(low):
                 continue
             hit = self.by_len[n].get(low[:n])
-            if hit and (n == len(low) or not (low[n].isalnum() and low[n - 1].isalnum())):
+            rest = low[n:].lstrip()
+            if hit and (not rest or not (rest[0].isalpha() or low[n - 1].isalnum() and low[n].isalnum())):
                 return hit
         return None
 
@@ -294,11 +310,12 @@ class _Entry:
     key_start: int
     end: int
     frac: bool  # written with a decimal point and no % sign
+    token: str = ""  # the key as written (for a ``lost`` entry that falls back to ``off``)
 
 
 def _resolve_key(text: str, low: str, ix: _Index, floor: int, pos: int,
-                 prev_end: int) -> tuple[str, str | None, int, str]:
-    """``(kind, name, key_start, note)`` of the key that ends just before ``pos`` (the separator)."""
+                 prev_end: int) -> tuple[str, str | None, int, str, str]:
+    """``(kind, name, key_start, note, token)`` of the key that ends just before ``pos`` (the separator)."""
     end = pos
     while end > floor and text[end - 1] in _KEY_TRAIL:
         end -= 1
@@ -317,10 +334,11 @@ def _resolve_key(text: str, low: str, ix: _Index, floor: int, pos: int,
             continue
         start = e - n
         j = _skip_back(text, start, wraps)
-        if j <= max(floor, 0) or text[j - 1] in _STRUCT or j <= prev_end:
+        if j <= max(floor, 0) or j <= prev_end or text[j - 1] in _STRUCT and (
+                text[j - 1] != "-" or j < 2 or text[j - 2].isspace()):  # '-' is a bullet, not "sea-lion"
             name = ix.by_len[n][low[start:e]]
             kind = "none" if name == ix.none_class else "class"
-            return kind, name, j, ""
+            return kind, name, j, "", name
     # 2. the key token (quoted string, or text after the last delimiter), matched loosely
     floor = max(floor, prev_end)
     e = end
@@ -336,7 +354,7 @@ def _resolve_key(text: str, low: str, ix: _Index, floor: int, pos: int,
     start = _skip_back(text, start, wraps, quotes=False)
     token = re.sub(r"^\s*(?:\d+[.)]\s+|[-*\u2022#>]+\s*)", "", token).strip(" \t\n*`_\"'-{}[]<>()")
     kind, name, note = ix.fuzzy(token, quoted=q is not None)
-    return kind, name, max(start, floor), note
+    return kind, name, max(start, floor), note, token
 
 
 def _skip_back(text: str, j: int, wraps: list[str], quotes: bool = True) -> int:
@@ -363,7 +381,7 @@ def _entries(text: str, low: str, ix: _Index) -> list[_Entry]:
         pos = m.start()
         floor = max(0, min(prev_end, pos - maxlen))
         # a key can reach back over a previous "entry" that was part of a name with a delimiter ("a:1 b": 40)
-        kind, name, kstart, note = _resolve_key(text, low, ix, floor, pos, prev_end)
+        kind, name, kstart, note, token = _resolve_key(text, low, ix, floor, pos, prev_end)
         if _WS_SEP.match(m.group(0)) and kind not in ("class", "none"):
             kind = "label"  # "... 90%": a percentage in prose is a confidence value, not a key
         elif kind == "junk":
@@ -374,8 +392,8 @@ def _entries(text: str, low: str, ix: _Index) -> list[_Entry]:
         num = float(m.group("num"))
         if m.group("den"):
             num = num / float(m.group("den")) * 100.0
-        frac = "." in m.group("num") and not m.group("pct") and not m.group("den")
-        out.append(_Entry(kind, name, num, note, kstart, m.end(), frac))
+        frac = ("." in m.group("num") or "e-" in m.group("num").lower()) and not m.group("pct") and not m.group("den")
+        out.append(_Entry(kind, name, num, note, kstart, m.end(), frac, token))
         prev_end = m.end()
     return out
 
@@ -389,6 +407,7 @@ class _Group:
     truncated: bool = False
     dropped: _Entry | None = None
     seen: set | None = None
+    repeat: bool = False  # began with a key repeated from the previous group (same dict)
 
 
 def _groups(text: str, entries: list[_Entry]) -> list[_Group]:
@@ -405,11 +424,14 @@ def _groups(text: str, entries: list[_Entry]) -> list[_Group]:
         label = cur is not None and _LABEL.search(between) is not None
         repeat = cur is not None and e.kind in ("class", "none") and (e.kind, e.name) in (cur.seen or ())
         if cur is None or opened or closed or label or repeat:
+            inherit = False
             if cur is not None:
                 cur.closed = closed and between.rfind("}") < (between.rfind("{") if opened else len(between))
-                if cur.opened and not cur.closed:
+                inherit = repeat and not (opened or closed or label)  # {"cat": 95, "dog": 3, "cat": 10}
+                if cur.opened and not cur.closed and not inherit:
                     cur.truncated = True  # abandoned: a new answer began before this one closed
-            cur = _Group([], e.key_start, opened and between.rfind("{") > between.rfind("}"), seen=set())
+            cur = _Group([], e.key_start, inherit and cur.opened or opened and between.rfind("{") > between.rfind("}"),
+                         seen=set(), repeat=inherit)
             groups.append(cur)
         cur.entries.append(e)
         cur.seen.add((e.kind, e.name))
@@ -435,7 +457,7 @@ def _prediction(value: str, ix: _Index) -> tuple[str, str | None, str]:
     v = v.strip(" \t*`_\"'[]{}<>").rstrip(".!,;: \t").strip(" \t*`_\"'[]{}<>")
     if not v:
         return "off", None, ""
-    kind, name, note = ix.fuzzy(v)
+    kind, name, note = ix.fuzzy(v, lost=False)
     if kind in ("class", "none"):
         return kind, name, note
     low = _lower(v)
@@ -498,16 +520,25 @@ def _parse(raw: Any, ix: _Index) -> ParsedResponse:
 
     if groups:
         done = [i for i, g in enumerate(groups) if not g.truncated and any(e.kind != "off" for e in g.entries)]
-        gi = done[-1] if done else len(groups) - 1
+        ends = [gr.entries[-1].end if gr.entries else gr.start for gr in groups]
+
+        def rank(i: int) -> tuple[int, bool, int]:  # most listed classes, then after a "Confidence:" label, last
+            listed = {(e.kind, e.name) for e in groups[i].entries if e.kind in ("class", "none", "lost")}
+            return len(listed), _CONF_LABEL.search(text, ends[i - 1] if i else 0, groups[i].start) is not None, i
+        gi = max(done, key=rank) if done else len(groups) - 1
         g = groups[gi]
         if len(groups) > 1:
-            notes.insert(0, f"{len(groups)} confidence lists in the response; used the "
-                            + ("last complete one" if done else "last one") + f" (#{gi + 1})")
-        lo = groups[gi - 1].entries[-1].end if gi > 0 and groups[gi - 1].entries else 0
+            how = ("last one" if not done else "last complete one" if gi == done[-1]
+                   else "complete one with the most listed classes")
+            notes.insert(0, f"{len(groups)} confidence lists in the response; used the {how} (#{gi + 1})")
+            if gi + 1 < len(groups) and groups[gi + 1].repeat or g.repeat:
+                notes.insert(1, "a class is repeated within one list")
+        lo = ends[gi - 1] if gi > 0 else 0
         hi = g.start
         after = groups[gi + 1].start if gi + 1 < len(groups) else len(text)
         stated = _stated(text, ix, lo, hi, after)
-        return _from_group(g, stated, ix, notes)
+        region = _region(text, g, lo, after)
+        return _from_group(g, stated, ix, notes, _unreadable(region, ix, g))
 
     stated = _stated(text, ix, 0, len(text), len(text))
     skind, sname, snote = stated if stated else (None, None, "")
@@ -556,15 +587,57 @@ def _parse(raw: Any, ix: _Index) -> ParsedResponse:
     return _result("no_confidence", False, ["no class confidences in the text: " + _snippet(text)] + notes)
 
 
+def _region(text: str, g: _Group, lo: int, hi: int) -> str:
+    """The text of the list ``g``: from its ``{`` (else its first line) to its ``}`` (else its last ``key: value``
+    line), within ``[lo, hi)``."""
+    last = g.entries[-1].end if g.entries else g.start
+    if g.opened:
+        start = max(text.rfind("{", lo, g.start), lo)
+        end = text.find("}", last, hi)
+        return text[start:hi if end < 0 else end]
+    start = max(text.rfind("\n", lo, g.start) + 1, lo)
+    end = text.find("\n", last, hi)
+    end = hi if end < 0 else end
+    while end < hi:
+        m = _KV_LINE.match(text, end + 1)
+        if m is None or m.end() > hi:
+            break
+        end = m.end()
+    return text[start:end]
+
+
+def _unreadable(region: str, ix: _Index, g: _Group) -> list[str]:
+    """Listed classes written with a value that is not a number (``NaN``, ``"high"``, ``null``) in ``region``."""
+    read = {e.name for e in g.entries if e.kind in ("class", "none")}
+    out: list[str] = []
+    for m in _BADVAL.finditer(region):
+        val = m.group("val").strip("\"'")
+        if re.match(r"\s*" + _NUM, val):
+            continue
+        kind, name, _ = ix.fuzzy(m.group("key").strip(" \t*`_-"), lost=False)
+        if kind in ("class", "none") and name is not None and name not in read and name not in out:
+            out.append(name)
+    return out
+
+
 def _snippet(text: str, n: int = 60) -> str:
     s = " ".join(text.split())
     return repr(s[:n] + ("..." if len(s) > n else ""))
 
 
 def _from_group(g: _Group, stated: tuple[str, str | None, str] | None, ix: _Index,
-                notes: list[str]) -> ParsedResponse:
+                notes: list[str], unreadable: list[str] | None = None) -> ParsedResponse:
     skind, sname, snote = stated if stated else (None, None, "")
     notes.append(snote)
+    # a name with a lost first letter ("at" -> "cat") counts only when the answer lists every other class
+    named = {e.name for e in g.entries if e.kind in ("class", "none")} | set(unreadable or ())
+    for e in g.entries:
+        if e.kind == "lost":
+            others = [c for c in ix.classes if c != e.name]
+            if e.name not in named and all(c in named for c in others):
+                e.kind = "class"
+            else:
+                e.kind, e.name, e.raw = "off", e.token, ""
     notes.extend(e.raw for e in g.entries if e.raw)
     vals = [e.value for e in g.entries if e.kind in ("class", "none")]
     if vals and all(0.0 <= v <= 1.0 for v in vals) and any(e.frac for e in g.entries if e.kind in ("class", "none")) \
@@ -605,6 +678,10 @@ def _from_group(g: _Group, stated: tuple[str, str | None, str] | None, ix: _Inde
         return _result("off_list", False, [f"confidences only for names not in the class list: {_names(off)}"]
                        + [n for n in notes if not n.startswith("ignored")])
 
+    if unreadable:
+        return _result("bad_value", False, [f"unreadable value for {len(unreadable)} listed class(es): "
+                                             f"{_names(unreadable)}; S_max unknown"] + notes,
+                       conf, sname if skind == "class" and sname != ix.none_class else None, none_conf)
     smax = max(idc.values()) if idc else 0.0
     best = max(idc, key=lambda c: (idc[c], -ix.order[c])) if idc else None
     if skind == "class" and sname != ix.none_class:

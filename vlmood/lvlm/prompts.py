@@ -88,15 +88,27 @@ def reguide_stage1(classes: Sequence[str], n: int) -> str:
     return _render("reguide_stage1", classes=format_class_list(classes), n=str(_check_n(n)))
 
 
+def _canon_keys(name: str) -> set[str]:
+    """The spelling-insensitive keys a name may collide under: case, ``-``/``_``/spacing ignored, and the forms
+    without a plural ``s`` / ``es`` ("Teddy-Bear", "teddy  bear", "teddy bears" all share "teddy bear")."""
+    base = " ".join(re.sub(r"[-_\s]+", " ", name.casefold()).split())
+    keys = {base}
+    for suffix in ("s", "es"):
+        if base.endswith(suffix) and len(base) > len(suffix) + 1:
+            keys.add(base[: -len(suffix)])
+    return keys
+
+
 def stage2_classes(classes: Sequence[str], suggested: Sequence[str]) -> list[str]:
-    """``classes`` followed by the ``suggested`` names that are new: a name equal to an ID class, to
-    :data:`NONE_CLASS` or to an earlier suggestion (ignoring case and surrounding spaces) is dropped."""
+    """``classes`` followed by the ``suggested`` names that are new: a name that restates an ID class, is
+    :data:`NONE_CLASS` or repeats an earlier suggestion (ignoring case, ``-``/``_``/spacing and plural endings) is
+    dropped, so no ID class is split over two spellings."""
     out = _check_no_none(check_class_names(classes))
-    seen = {c.strip().casefold() for c in out} | {NONE_CLASS}
+    seen = set().union(*(_canon_keys(c) for c in out)) | {NONE_CLASS}
     for s in check_class_names(suggested, "suggested class"):
-        key = s.strip().casefold()
-        if key not in seen:
-            seen.add(key)
+        keys = _canon_keys(s)
+        if not keys & seen:
+            seen |= keys
             out.append(s)
     return out
 
@@ -137,8 +149,7 @@ def parse_suggestions(text: str | None, classes: Sequence[str], n: int | None = 
     Never raises: an unusable answer gives ``[]``."""
     if not text:
         return []
-    ids = {c.strip().casefold() for c in classes}
-    ids |= {c + "s" for c in ids} | {c[:-1] for c in ids if c.endswith("s")} | {NONE_CLASS}
+    ids = set().union(*(_canon_keys(c) for c in classes)) | {NONE_CLASS} if classes else {NONE_CLASS}
     out: list[str] = []
     seen: set[str] = set()
     for line in _CHAT_TOKEN.sub("\n", text).splitlines():
@@ -146,10 +157,10 @@ def parse_suggestions(text: str | None, classes: Sequence[str], n: int | None = 
         parts = _BULLET.sub("", line)[m.end():].split(",") if m else [line]
         for part in parts:
             name = _clean_name(part)
-            key = name.casefold()
+            keys = _canon_keys(name)
             if (not name or name.endswith(":") or any(ch in name for ch in "?!{}") or _CONTROL.search(name)
-                    or _SENTENCE.search(name) or len(name.split()) > 6 or len(name) > 80 or key in ids or key in seen):
+                    or _SENTENCE.search(name) or len(name.split()) > 6 or len(name) > 80 or keys & ids or keys & seen):
                 continue
-            seen.add(key)
+            seen |= keys
             out.append(name)
     return out[: 2 * n] if n is not None else out
