@@ -105,3 +105,25 @@ def test_help_everywhere():
                  ["embed-texts", "--help"]):
         r = run_cli(*args)
         assert r.returncode == 0 and "usage: vlmood" in r.stdout
+
+
+def test_version_and_no_prefix_matching(capsys):
+    """`vlmood --version` prints the version; an abbreviated or near-miss option is refused, never silently taken
+    for another one (`--meth` is not `--method`, `--methods` is not an option of `score`)."""
+    import vlmood
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"vlmood {vlmood.__version__}"
+    assert main(["score", "--model", "toyworld", "--classes", "a,b", "--images", "x", "--out", "o.csv",
+                 "--meth", "mcm"]) == 2
+    assert "unrecognized arguments: --meth mcm" in capsys.readouterr().err
+    assert main(["score", "--model", "toyworld", "--classes", "a,b", "--images", "x", "--out", "o.csv",
+                 "--methods", "mcm"]) == 2
+    assert "unrecognized arguments: --methods mcm" in capsys.readouterr().err
+
+
+def test_report_renders_as_markdown_in_jupyter():
+    from vlmood.evaluation import Report
+
+    r = Report(name="x", rows=[], id_accuracy={}, scores={}, skipped=[], counts={"ID": 0}, groups={}, seconds=0.0)
+    assert r._repr_markdown_() == r.to_markdown()

@@ -55,6 +55,7 @@ class _Parser(argparse.ArgumentParser):
     only once (repeatable ones use ``action="append"``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --methods must never silently mean --method
         super().__init__(*args, **kwargs)
         self.register("action", None, _StoreOnce)
         self.register("action", "store", _StoreOnce)
@@ -94,7 +95,10 @@ def _method(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .detectors import DETECTORS
 
+    from . import __version__
+
     parser = _Parser(prog="vlmood", description="Out-of-distribution detection with vision-language models.")
+    parser.add_argument("--version", action="version", version=f"vlmood {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     s = sub.add_parser("score", help="score images: predicted class, ID score (higher = more in-distribution), is_ood",

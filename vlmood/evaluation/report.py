@@ -84,6 +84,10 @@ class Report:
                 f"({len(self.skipped)} skipped) in {self.seconds:.1f}s; best mean AUROC: {best}")
 
     # ------------------------------------------------------------------ table exports
+    def _repr_markdown_(self) -> str:
+        """Jupyter shows a report as its markdown tables."""
+        return self.to_markdown()
+
     def to_markdown(self) -> str:
         out = [f"# {printable(self.name)}", ""]
         out.append(f"ID images: {self.counts.get('ID', 0)}; OOD sets: "
