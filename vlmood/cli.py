@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unreadable images: stop (raise, default) or list them in the output and go on (skip)")
     s.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     s.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="method hyper-parameter NAME=VALUE passed to the detector (repeatable; VALUE: int, float, true/false or text; each parameter once), e.g. --param temperature=0.5. Parameters: " + _params_help())
+    s.add_argument("--seed", type=int, default=None,
+                   help="seed of the methods that draw random numbers (neglabel, csp: the negative grouping; "
+                        "default: their own, 0); refused for methods that draw none")
 
     v = sub.add_parser("eval", help="evaluate detectors on an ID set and OOD sets; writes a report",
                        description="Encode every image once, score it with every method, and write report.md, "
@@ -160,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     v.add_argument("--workers", type=int, default=None, help="decoding workers (default min(4, cpus-1))")
     v.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    v.add_argument("--param", action="append", default=[], metavar="[METHOD.]NAME=VALUE",
+                   help="method hyper-parameter [METHOD.]NAME=VALUE passed to the detectors (repeatable; VALUE: int, float, true/false or text; each parameter once), e.g. --param temperature=0.5 (every method in --methods, each must take it) or --param neglabel.ngroups=50 (that method only). Parameters: " + _params_help())
+    v.add_argument("--seed", type=int, default=None,
+                   help="seed of the methods that draw random numbers (neglabel, csp: the negative grouping; "
+                        "default: their own, 0); other methods ignore it, and it is refused if none draws")
 
     t = sub.add_parser(
         "train", help="train a method's learned part: prompts (CoOp, LoCoOp) or CLIPN's 'no' text tower",
@@ -257,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--ratio", type=_finite, default=0.15, help="fraction kept per part of speech (default 0.15)")
     n.add_argument("--ngroups", type=int, default=100,
                    help="groups a saved .json detector scores with (default 100; at most the number of negatives)")
+    n.add_argument("--seed", type=int, default=None,
+                   help="seed of the negative grouping a saved .json detector scores with (default 0); .json only")
     n.add_argument("--out", required=True, metavar="FILE", help="negatives.txt or detector.json")
 
     e = sub.add_parser("embed-texts", help="fill the text-embedding cache ahead of time",
@@ -378,6 +390,128 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise _UsageError(f"--workers must be >= 0, got {args.workers}")
 
 
+_NOT_PARAMS = frozenset({"self", "encoder", "encoder_or_model", "classes", "templates", "cache", "prompts", "no",
+                         "neg_templates", "negatives", "score"})
+"""Detector arguments that are not hyper-parameters: set by other options (``--classes``, ``--no``, the method
+name for CLIPN's ``score``) or not expressible as one ``--param`` value."""
+
+
+def method_params(method: str) -> dict[str, Any]:
+    """The hyper-parameters ``--param`` may set for ``method``: name -> :class:`inspect.Parameter`, read from the
+    ``__init__`` signatures of the detector class and, while they pass ``**kw`` on, its bases."""
+    import inspect
+
+    from .detectors import DETECTORS
+
+    out: dict[str, Any] = {}
+    for klass in DETECTORS[method].__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        sig = inspect.signature(init)
+        for prm in sig.parameters.values():
+            if prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD) or prm.name in _NOT_PARAMS:
+                continue
+            out.setdefault(prm.name, prm)
+        if not any(prm.kind == prm.VAR_KEYWORD for prm in sig.parameters.values()):
+            break
+    return out
+
+
+def _param_kind(prm: Any) -> str:
+    """``int``, ``float``, ``bool``, ``str`` or ``any``: the first type of the parameter's annotation."""
+    ann = prm.annotation if isinstance(prm.annotation, str) else getattr(prm.annotation, "__name__", "")
+    first = str(ann).split("|")[0].strip()
+    return first if first in ("int", "float", "bool", "str") else "any"
+
+
+def _param_value(text: str, kind: str, flag: str) -> Any:
+    """``--param`` VALUE as ``kind``: int, float (finite), bool (true/false), str; ``any``: the first that fits."""
+    low = text.strip().lower()
+    if kind == "str":
+        return text
+    if kind in ("bool", "any") and low in ("true", "false"):
+        return low == "true"
+    if kind == "bool":
+        raise _UsageError(f"{flag}: expected true or false, got {text!r}")
+    try:
+        return int(text)
+    except ValueError:
+        if kind == "int":
+            raise _UsageError(f"{flag}: expected an integer, got {text!r}") from None
+    try:
+        value = float(text)
+    except ValueError:
+        if kind == "float":
+            raise _UsageError(f"{flag}: expected a number, got {text!r}") from None
+        return text
+    if not math.isfinite(value):
+        raise _UsageError(f"{flag}: must be a finite number, got {text!r}")
+    return value
+
+
+def _method_params(values: Sequence[str] | None, methods: Sequence[str], seed: int | None,
+                   scoped: bool) -> dict[str, dict[str, Any]]:
+    """``--param [METHOD.]NAME=VALUE`` and ``--seed`` as keyword arguments per method, checked against each
+    method's ``__init__`` (names and types; the detector checks the ranges). An unscoped NAME goes to every method
+    in ``methods``, each of which must accept it; a name set twice for one method, or ``seed`` with ``--seed``,
+    is refused."""
+    from .detectors import canonical_method
+
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    given: dict[tuple[str, str], str] = {}
+    for v in values or []:
+        flag = f"--param {v}"
+        key, sep, text = v.partition("=")
+        scope, dot, name = key.strip().rpartition(".")
+        name = name.strip()
+        if not sep or not name:
+            raise _UsageError(f"--param expects {'[METHOD.]' if scoped else ''}NAME=VALUE, got {v!r}")
+        if dot and not scoped and not scope.strip():
+            raise _UsageError(f"--param expects NAME=VALUE, got {v!r}")
+        targets = list(methods)
+        if dot:
+            try:
+                m = canonical_method(scope.strip())
+            except InvalidInputError as e:
+                raise _UsageError(f"{flag}: {e}") from None
+            if m not in methods:
+                where = "--methods" if scoped else f"--method ({methods[0]})"
+                raise _UsageError(f"{flag}: {m} is not among {where}")
+            targets = [m]
+        if name == "seed" and seed is not None:
+            raise _UsageError(f"{flag} and --seed {seed} both set the seed; give one")
+        for m in targets:
+            accepted = method_params(m)
+            if name not in accepted:
+                hint = "" if dot or len(targets) == 1 else f" (scope it to a method: --param METHOD.{name}=VALUE)"
+                raise _UsageError(f"{flag}: {m} takes no parameter {name!r}; its parameters: "
+                                  f"{', '.join(accepted) or 'none'}{hint}")
+            if (m, name) in given:
+                raise _UsageError(f"{flag}: {name!r} of {m} is already set by --param {given[m, name]}; "
+                                  "give it once")
+            given[m, name] = v
+            out[m][name] = _param_value(text, _param_kind(accepted[name]), flag)
+    if seed is not None:
+        seeded = [m for m in methods if "seed" in method_params(m)]
+        if not seeded:
+            from .detectors import DETECTORS
+
+            drawing = ", ".join(k for k in DETECTORS if "seed" in method_params(k))
+            raise _UsageError(f"--seed applies to the methods that draw random numbers ({drawing}); "
+                              f"{', '.join(methods)} draw none: drop --seed")
+        for m in seeded:
+            out[m]["seed"] = seed
+    return out
+
+
+def _params_help() -> str:
+    """Every method's ``--param`` names, for the help texts."""
+    from .detectors import DETECTORS
+
+    return "; ".join(f"{k}: {', '.join(method_params(k)) or '-'}" for k in DETECTORS)
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -393,6 +527,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     spec = parse_spec(args.model)
     if args.prompts is not None and args.templates is not None:
         raise _UsageError("--templates and --prompts exclude each other: learned prompts replace the templates")
+    params = _method_params(args.param, [args.method], args.seed, scoped=False)[args.method]
     clipn = _clipn_methods([args.method])
     if clipn and args.prompts is not None:
         raise _UsageError("--prompts (learned prompts) do not apply to CLIPN, whose text side is the templates of "
@@ -411,7 +546,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     items = list_images(args.images)
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
     extra = {"no": _load_no(args, encoder)} if clipn else {}
-    det = make_detector(args.method, encoder, classes, templates=templates, prompts=learned, **extra)
+    det = make_detector(args.method, encoder, classes, templates=templates, prompts=learned, **extra, **params)
     if det.needs_local:
         encoder.require_local()
     det.fit()
@@ -648,6 +783,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _check_counts(args)
     methods = _parse_methods(args.methods)
+    params = _method_params(args.param, methods, args.seed, scoped=True)
     _require_nonempty(args, "--suite", "--root", "--classes", "--id", "--templates", "--prompts", "--no")
     spec = parse_spec(args.model)
     clipn = _clipn_methods(methods)
@@ -691,9 +827,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
     no = _load_no(args, encoder)
     detectors: dict[str, Any] = {} if args.no_zero_shot else {
-        m: {"method": m, "no": no} if m in clipn else m for m in methods}
+        m: {"method": m, "no": no, **params[m]} if m in clipn else {"method": m, **params[m]} for m in methods}
     if learned is not None:
-        detectors.update({_learned_label(m, learned): {"method": m, "prompts": learned}
+        detectors.update({_learned_label(m, learned): {"method": m, "prompts": learned, **params[m]}
                           for m in methods if m not in clipn})
     report = bench.run(encoder, detectors, cache=not args.no_cache, batch_size=args.batch_size,
                        num_workers=args.workers)
@@ -936,10 +1072,13 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
         raise _UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
     if args.ngroups < 1:
         raise _UsageError(f"--ngroups must be >= 1, got {args.ngroups}")
+    if args.seed is not None and out.suffix != ".json":
+        raise _UsageError("--seed sets the grouping a .json detector scores with; a .txt list of negatives has none")
     lexicons.load(args.lexicon)  # a bad lexicon fails before the model loads
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
     det = NegLabel(encoder, classes, lexicon=args.lexicon, pool=args.pool, percentile=args.percentile,
-                   ratio=args.ratio, ngroups=args.ngroups if out.suffix == ".json" else 1).fit()
+                   ratio=args.ratio, ngroups=args.ngroups if out.suffix == ".json" else 1,
+                   **({} if args.seed is None else {"seed": args.seed})).fit()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         det.save(out)

@@ -1,6 +1,9 @@
 """``Benchmark``: one ID set and groups of OOD sets; features are extracted once and scored by every detector."""
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import sys
 import time
 import warnings
@@ -15,10 +18,9 @@ from ..detectors import Detector, make_detector
 from ..encoders.base import Encoder
 from ..errors import InvalidInputError
 from ..features import Features, extract_features
-from ..metrics import evaluate
 from ..text.embed import CacheArg
 from ..text.prompts import load_classes
-from .report import Report
+from .report import Report, metric_rows
 
 DetectorsArg = Sequence[Any] | Mapping[str, Any] | str
 
@@ -58,6 +60,51 @@ def _normalise_ood(ood: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     for group, name, src in entries:
         groups.setdefault(group, {})[name] = src
     return groups
+
+
+def _keys(ids: Sequence[str]) -> list[tuple[str, int]]:
+    """``(id, occurrence)`` per image, so repeated ids (a manifest listing a file twice) stay distinct."""
+    seen: dict[str, int] = {}
+    out = []
+    for i in ids:
+        seen[i] = seen.get(i, -1) + 1
+        out.append((i, seen[i]))
+    return out
+
+
+def _union_keys(*lists: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The keys of every list, in first-seen order (the feature and image paths may keep different images)."""
+    out = dict.fromkeys(k for keys in lists for k in keys)
+    return list(out)
+
+
+def _align(keys: list[tuple[str, int]], src: list[tuple[str, int]], values: np.ndarray, fill: float) -> np.ndarray:
+    """``values`` (one per ``src`` key) placed at each of ``keys``; ``fill`` where a key has no value."""
+    pos = {k: j for j, k in enumerate(src)}
+    out = np.full(len(keys), fill, dtype=np.float64)
+    for j, k in enumerate(keys):
+        if k in pos:
+            out[j] = values[pos[k]]
+    return out
+
+
+def _simple(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    return isinstance(v, (list, tuple)) and all(x is None or isinstance(x, (bool, int, float, str)) for x in v)
+
+
+def _hyper(det: Any) -> dict[str, Any]:
+    """A detector's hyper-parameters read generically: its public attributes of simple types (long lists are
+    summarised by their length and sha256); fitted attributes (trailing ``_``) and the class list are left out."""
+    out: dict[str, Any] = {}
+    for k, v in sorted(vars(det).items()):
+        if k.startswith("_") or k.endswith("_") or k == "classes" or not _simple(v):
+            continue
+        if isinstance(v, (list, tuple)) and len(v) > 50:
+            v = {"len": len(v), "sha256": hashlib.sha256(json.dumps(list(v)).encode()).hexdigest()}
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 @dataclass
@@ -187,10 +234,14 @@ class Benchmark:
         return out
 
     def _score_images(self, label: str, det: Any, images: dict[str, "_Loaded"], id_labels: np.ndarray | None,
-                      ) -> tuple[dict[str, np.ndarray], float | None, dict[str, dict[str, Any]]]:
+                      ) -> tuple[dict[str, np.ndarray], float | None, dict[str, dict[str, Any]],
+                                 dict[str, np.ndarray], np.ndarray]:
         """Scores of an image detector with its excluded (NaN) images dropped, its ID accuracy over the kept ID
-        images (an invalid response counts as wrong) and, per set, its response statuses."""
+        images (an invalid response counts as wrong), per set its response statuses, and the full per-image
+        scores (NaN kept, aligned with each set's ids) and ID predictions (class index, -1 when invalid)."""
         scores: dict[str, np.ndarray] = {}
+        full: dict[str, np.ndarray] = {}
+        id_pred = np.zeros(0, dtype=int)
         invalid: dict[str, dict[str, Any]] = {}
         accuracy = None
         for name, loaded in images.items():
@@ -203,10 +254,35 @@ class Benchmark:
                     f"(statuses: {dict(det.statuses_)}); no metric can be computed")
             invalid[name] = {"images": n, "invalid": int(det.n_invalid_), "rate": det.n_invalid_ / n if n else 0.0,
                              "excluded": int(n - keep.sum()), "statuses": dict(sorted(det.statuses_.items()))}
-            scores[name] = s[keep]
-            if name == "ID" and id_labels is not None:
-                accuracy = float(np.mean(labels[keep] == id_labels[keep]))
-        return scores, accuracy, invalid
+            scores[name], full[name] = s[keep], np.asarray(s, dtype=np.float64)
+            if name == "ID":
+                id_pred = np.asarray(labels)
+                if id_labels is not None:
+                    accuracy = float(np.mean(labels[keep] == id_labels[keep]))
+        return scores, accuracy, invalid, full, id_pred
+
+    def _provenance(self, encoder: Encoder | None, dets: Mapping[str, Any], skipped: list[tuple[str, str, str]],
+                    seconds: float) -> dict[str, Any]:
+        """How a run was made, for ``results.json`` (and the header of ``report.md``)."""
+        from .. import __version__
+
+        argv = [a for a in sys.argv if a]
+        enc = None
+        if encoder is not None:
+            enc = {"spec": str(encoder.spec), "fingerprint": encoder.fingerprint,
+                   "device": str(getattr(encoder, "device", None)), "precision": getattr(encoder, "precision", None)}
+        sets = {}
+        for name, src in (("ID", self.id), *((n, s) for g in self.ood.values() for n, s in g.items())):
+            src = as_source(src)
+            sets[name] = {"source": getattr(src, "name", str(src)), "size": len(src),
+                          "skipped": sum(1 for s, _, _ in skipped if s == name)}
+        return {"vlmood": __version__, "command": " ".join(argv) if argv else "python", "encoder": enc,
+                "classes": {"names": list(self.classes),
+                            "sha256": hashlib.sha256("\n".join(self.classes).encode("utf-8")).hexdigest()},
+                "templates": self.templates if _simple(self.templates) else repr(self.templates),
+                "detectors": {k: {"type": type(d).__name__, **_hyper(d)} for k, d in dets.items()},
+                "sets": sets, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "seconds": seconds}
 
     def extract(self, encoder: Encoder, local: bool = False, cache: CacheArg = True, **kw: Any) -> dict[str, Features]:
         """Features of the ID set (key ``"ID"``) and of every OOD set, each image encoded once."""
@@ -258,46 +334,52 @@ class Benchmark:
         if id_labels is None:
             warnings.warn(NO_LABELS, stacklevel=2)
 
-        rows: list[dict[str, Any]] = []
         scores: dict[str, dict[str, np.ndarray]] = {}
         accuracy: dict[str, float | None] = {}
         invalid: dict[str, dict[str, dict[str, Any]]] = {}
+        set_names = ["ID", *(n for g in self.ood.values() for n in g)]
+        keys = {n: _union_keys(*(_keys(x[n].ids) for x in (feats, images) if x)) for n in set_names}
+        all_scores: dict[str, dict[str, np.ndarray]] = {}
+        predictions: dict[str, list[str | None]] = {}
         for label, det in dets.items():
-            excluded: dict[str, int] = {}
             if label in by_image:
-                s, accuracy[label], invalid[label] = self._score_images(label, det, images, image_labels)
-                excluded = {k: v["excluded"] for k, v in invalid[label].items()}
+                s, accuracy[label], invalid[label], full, id_pred = self._score_images(label, det, images,
+                                                                                       image_labels)
+                src_ids = {n: images[n].ids for n in set_names}
             else:
                 id_feats = feats["ID"]
                 s = {"ID": det.score_features(id_feats)}
-                accuracy[label] = (float(np.mean(det.classify_features(id_feats) == id_labels))
-                                   if id_labels is not None else None)
+                id_pred = det.classify_features(id_feats)
+                accuracy[label] = float(np.mean(id_pred == id_labels)) if id_labels is not None else None
                 for sets in self.ood.values():
                     for name in sets:
                         s[name] = det.score_features(feats[name])
-            for group, sets in self.ood.items():
-                group_rows = []
-                for name in sets:
-                    m = evaluate(s["ID"], s[name])
-                    row = {"method": label, "group": group, "dataset": name, **m,
-                           "n_id": len(s["ID"]), "n_ood": len(s[name])}
-                    if label in by_image:
-                        row.update(n_id_excluded=excluded["ID"], n_ood_excluded=excluded[name])
-                    rows.append(row)
-                    group_rows.append(row)
-                if len(group_rows) > 1:
-                    mean = {k: float(np.mean([r[k] for r in group_rows]))
-                            for k in ("auroc", "fpr95", "aupr_in", "aupr_out", "autc")}
-                    rows.append({"method": label, "group": group, "dataset": "mean", **mean,
-                                 "n_id": len(s["ID"]), "n_ood": sum(r["n_ood"] for r in group_rows)})
+                full = s
+                src_ids = {n: feats[n].ids for n in set_names}
             scores[label] = s
+            all_scores[label] = {n: _align(keys[n], _keys(src_ids[n]), full[n], np.nan) for n in set_names}
+            pred = _align(keys["ID"], _keys(src_ids["ID"]), np.asarray(id_pred, dtype=np.float64), -1.0)
+            predictions[label] = [self.classes[int(p)] if p >= 0 else None for p in pred]
+        excluded = {m: {k: v["excluded"] for k, v in sets.items()} for m, sets in invalid.items()}
+        rows = metric_rows(scores, {g: list(s) for g, s in self.ood.items()}, excluded)
+        labels = None
+        if id_labels is not None:  # each ID image's class name, from whichever path kept it
+            lab = np.full(len(keys["ID"]), -1.0)
+            for x, ys in ((images, image_labels), (feats, id_labels)):
+                if x and ys is not None:
+                    got = _align(keys["ID"], _keys(x["ID"].ids), np.asarray(ys, dtype=np.float64), -1.0)
+                    lab = np.where(got >= 0, got, lab)
+            labels = [self.classes[int(x)] if x >= 0 else None for x in lab]
         skipped = [(name, i, msg) for name, f in feats.items() for i, msg in f.errors]
         seen = {(name, i) for name, i, _ in skipped}
         skipped += [(name, i, msg) for name, x in images.items() for i, msg in x.errors if (name, i) not in seen]
         counts = {k: len(v) for k, v in feats.items()} if feats else {k: len(v.images) for k, v in images.items()}
         report = Report(name=self.name, rows=rows, id_accuracy=accuracy, scores=scores, skipped=skipped,
                         counts=counts, groups={g: list(s) for g, s in self.ood.items()},
-                        seconds=time.perf_counter() - t0, notes=notes, invalid=invalid)
+                        seconds=time.perf_counter() - t0, notes=notes, invalid=invalid,
+                        ids={n: [k[0] for k in keys[n]] for n in set_names}, labels=labels, all_scores=all_scores,
+                        predictions=predictions)
+        report.provenance = self._provenance(encoder, dets, skipped, report.seconds)
         if progress is not False:
             print(report.summary(), file=sys.stderr)
         return report

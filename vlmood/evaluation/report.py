@@ -43,6 +43,36 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def metric_rows(scores: dict[str, dict[str, np.ndarray]], groups: dict[str, list[str]],
+                excluded: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
+    """The report's rows from each method's finite scores per set (``"ID"`` and each OOD set): one row per
+    (method, group, set) and a ``"mean"`` row per group of several sets. ``excluded``: per method (detectors that
+    read images) and set, how many images were left out; adds ``n_id_excluded`` / ``n_ood_excluded``."""
+    from ..metrics import evaluate
+
+    excluded = excluded or {}
+    rows: list[dict[str, Any]] = []
+    for label, s in scores.items():
+        for group, sets in groups.items():
+            group_rows = []
+            for name in sets:
+                row = {"method": label, "group": group, "dataset": name, **evaluate(s["ID"], s[name]),
+                       "n_id": len(s["ID"]), "n_ood": len(s[name])}
+                if label in excluded:
+                    row.update(n_id_excluded=excluded[label]["ID"], n_ood_excluded=excluded[label][name])
+                rows.append(row)
+                group_rows.append(row)
+            if len(group_rows) > 1:
+                mean = {k: float(np.mean([r[k] for r in group_rows])) for k in METRICS}
+                rows.append({"method": label, "group": group, "dataset": "mean", **mean,
+                             "n_id": len(s["ID"]), "n_ood": sum(r["n_ood"] for r in group_rows)})
+    return rows
+
+
+def _num(x: str) -> float:
+    return float(x) if x != "" else float("nan")
+
+
 @dataclass
 class Report:
     """Results of :meth:`Benchmark.run`.
@@ -55,6 +85,11 @@ class Report:
     vision-language model (:class:`vlmood.lvlm.LVLMDetector`), per method and set ``{"images", "invalid", "rate",
     "excluded", "statuses"}``: how many responses were invalid, the excluded images (left out of the metrics and of
     ``scores``) and the count of each parse status; empty for CLIP-only runs (their reports are unchanged).
+
+    Per-image data (saved as ``scores.csv``, read back by :meth:`load`): ``ids``: per set, the image ids;
+    ``labels``: the ID images' class names (None when unlabelled); ``all_scores``: per method and set, one score per
+    id (NaN: an image the method excluded or could not score); ``predictions``: per method, the predicted ID class
+    name of each ID image (None: no prediction). ``provenance``: how the report was made (see ``results.json``).
     """
 
     name: str
@@ -67,6 +102,11 @@ class Report:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     invalid: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    ids: dict[str, list[str]] = field(default_factory=dict)
+    labels: list[str | None] | None = None
+    all_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    predictions: dict[str, list[str | None]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def metric(self, method: str, dataset: str, key: str, group: str | None = None) -> float:
         """One number, e.g. ``report.metric("mcm", "textures", "auroc")`` (``dataset="mean"`` needs ``group``)."""
@@ -95,6 +135,7 @@ class Report:
                    + ".")
         out.append("Scores are higher for more in-distribution inputs; ID is the positive class.")
         out += [f"Note: {printable(n)}." for n in self.notes]
+        out += self._provenance_lines()
         out += ["", "## Summary (mean over each group's OOD sets)", ""]
         groups = list(self.groups)
         head = (["method"] + [f"{_cell(g)} FPR95 ↓" for g in groups] + [f"{_cell(g)} AUROC ↑" for g in groups]
@@ -149,6 +190,9 @@ class Report:
                "skipped": [{"set": s, "id": i, "error": e} for s, i, e in self.skipped]}
         if self.invalid:  # only runs with LVLM detectors: CLIP-only results keep their exact content
             out["invalid"] = self.invalid
+        if self.provenance:
+            out["provenance"] = self.provenance
+        out["methods"] = list(self.scores)
         return _clean(out)
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -156,6 +200,120 @@ class Report:
         if path is not None:
             atomic_write_bytes(Path(path), text.encode("utf-8"))
         return text
+
+    def _provenance_lines(self) -> list[str]:
+        """A short header (3 lines) saying how the report was made; none without provenance."""
+        p = self.provenance
+        if not p:
+            return []
+        enc = p.get("encoder") or {}
+        cls = p.get("classes") or {}
+        return ["", f"Made with vlmood {p.get('vlmood')} on {p.get('date')} in {p.get('seconds', 0.0):.1f}s: "
+                    f"`{printable(p.get('command', ''))}`.",
+                f"Encoder: {printable(enc.get('spec', 'none'))} (fingerprint {printable(enc.get('fingerprint'))}), "
+                f"device {enc.get('device')}, precision {enc.get('precision')}.",
+                f"Classes: {len(cls.get('names', []))} (sha256 {str(cls.get('sha256', ''))[:12]}); "
+                f"per-image scores in scores.csv, full provenance in results.json."]
+
+    # ------------------------------------------------------------------ per-image scores
+    def _per_image(self) -> tuple[dict[str, list[str]], dict[str, dict[str, np.ndarray]]]:
+        """Ids and full score arrays per set; reports built without per-image data fall back to ``scores``
+        (ids ``0, 1, ...``)."""
+        sets = ["ID", *(n for g in self.groups.values() for n in g)]
+        if self.all_scores:
+            return self.ids, self.all_scores
+        ids = {n: [str(i) for i in range(len(next(iter(self.scores.values()))[n]))] for n in sets} \
+            if self.scores else {}
+        return ids, self.scores
+
+    def scores_csv(self, path: str | os.PathLike | None = None) -> str:
+        """Per-image scores: ``set, id, label, prediction`` then one score column per method (empty: excluded),
+        then ``prediction:<method>`` for each further method whose predictions differ from the first one's."""
+        ids, full = self._per_image()
+        methods = list(self.scores)
+        pred = {m: self.predictions.get(m) for m in methods}
+        first = pred[methods[0]] if methods else None
+        extra = [m for m in methods[1:] if pred[m] is not None and pred[m] != first]
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["set", "id", "label", "prediction", *methods, *(f"prediction:{m}" for m in extra)])
+        for name in ["ID", *(n for g in self.groups.values() for n in g)]:
+            for k, i in enumerate(ids.get(name, [])):
+                is_id = name == "ID"
+                lab = self.labels[k] if is_id and self.labels is not None else None
+                p = first[k] if is_id and first is not None else None
+                vals = [full[m][name][k] for m in methods]
+                w.writerow([name, i, lab or "", p or "", *("" if not np.isfinite(v) else repr(float(v)) for v in vals),
+                            *((pred[m][k] or "") if is_id else "" for m in extra)])
+        text = printable(buf.getvalue())
+        if path is not None:
+            atomic_write_bytes(Path(path), text.encode("utf-8"))
+        return text
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "Report":
+        """A saved report (``results.json`` + ``scores.csv``) read back without any model; its rows are recomputed
+        from the per-image scores (:meth:`recompute`)."""
+        from ..errors import InvalidInputError
+
+        folder = Path(folder)
+        try:
+            data = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+            lines = list(csv.reader(io.StringIO((folder / "scores.csv").read_text(encoding="utf-8"))))
+        except (OSError, ValueError) as e:
+            raise InvalidInputError(f"cannot read a saved report from {folder}: {e}") from None
+        methods = data.get("methods", [])
+        head, body = lines[0], lines[1:]
+        if head[:4] != ["set", "id", "label", "prediction"] or len(head) < 4 + len(methods):
+            raise InvalidInputError(f"{folder / 'scores.csv'}: unexpected header {head[:6]}")
+        extra = [h[len("prediction:"):] for h in head[4 + len(methods):]]
+        sets = ["ID", *(n for g in data["groups"].values() for n in g)]
+        ids: dict[str, list[str]] = {n: [] for n in sets}
+        full: dict[str, dict[str, list[float]]] = {m: {n: [] for n in sets} for m in methods}
+        labels: list[str | None] = []
+        preds: dict[str, list[str | None]] = {m: [] for m in [*methods[:1], *extra]}
+        for r in body:
+            name = r[0]
+            if name not in ids:
+                raise InvalidInputError(f"{folder / 'scores.csv'}: unknown set {name!r}")
+            ids[name].append(r[1])
+            for j, m in enumerate(methods):
+                full[m][name].append(_num(r[4 + j]))
+            if name == "ID":
+                labels.append(r[2] or None)
+                if methods:
+                    preds[methods[0]].append(r[3] or None)
+                for j, m in enumerate(extra):
+                    preds[m].append(r[4 + len(methods) + j] or None)
+        for m in methods[1:]:  # methods without their own column predicted what the first one did
+            preds.setdefault(m, list(preds[methods[0]]))
+        all_scores = {m: {n: np.asarray(v, dtype=np.float64) for n, v in s.items()} for m, s in full.items()}
+        rep = cls(name=data["name"], rows=data["rows"], id_accuracy=data["id_accuracy"],
+                  scores={m: {n: a[np.isfinite(a)] for n, a in s.items()} for m, s in all_scores.items()},
+                  skipped=[(s["set"], s["id"], s["error"]) for s in data.get("skipped", [])],
+                  counts=data.get("counts", {}), groups=data["groups"], seconds=data.get("seconds", 0.0),
+                  notes=data.get("notes", []), invalid=data.get("invalid", {}), ids=ids,
+                  labels=labels if any(lb is not None for lb in labels) else None, all_scores=all_scores,
+                  predictions=preds if any(p is not None for v in preds.values() for p in v) else {},
+                  provenance=data.get("provenance", {}))
+        return rep
+
+    def recompute(self) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
+        """``(rows, id_accuracy)`` computed again from the per-image scores, labels and predictions only."""
+        _, full = self._per_image()
+        finite = {m: {n: a[np.isfinite(a)] for n, a in s.items()} for m, s in full.items()}
+        excluded = {m: {n: int(np.count_nonzero(~np.isfinite(a))) for n, a in s.items()}
+                    for m, s in full.items() if m in self.invalid}
+        rows = metric_rows(finite, self.groups, excluded)
+        acc: dict[str, float | None] = {}
+        for m in full:
+            pred = self.predictions.get(m)
+            if self.labels is None or pred is None:
+                acc[m] = None
+                continue
+            keep = np.isfinite(full[m]["ID"])
+            acc[m] = float(np.mean([p == lb for p, lb, k in zip(pred, self.labels, keep) if k]))
+        return rows, acc
 
     # ------------------------------------------------------------------ plots
     def plot(self, folder: str | os.PathLike) -> list[Path]:
@@ -216,12 +374,15 @@ class Report:
         return paths
 
     def save(self, folder: str | os.PathLike, plots: bool = True) -> dict[str, Path]:
-        """Write ``report.md``, ``results.csv``, ``results.json`` (and the plots) into ``folder``."""
+        """Write ``report.md``, ``results.csv``, ``results.json``, ``scores.csv`` (per-image scores, see
+        :meth:`scores_csv`; :meth:`load` reads the report back) and the plots into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        out = {"report": folder / "report.md", "csv": folder / "results.csv", "json": folder / "results.json"}
+        out = {"report": folder / "report.md", "csv": folder / "results.csv", "json": folder / "results.json",
+               "scores": folder / "scores.csv"}
         atomic_write_bytes(out["report"], self.to_markdown().encode("utf-8"))
         self.to_csv(out["csv"])
+        self.scores_csv(out["scores"])
         self.to_json(out["json"])
         if plots:
             for p in self.plot(folder):
