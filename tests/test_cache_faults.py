@@ -351,7 +351,10 @@ def full_disk(monkeypatch):
         f = real_open(file, mode, *a, **kw)
         return FullDiskFile(f) if mode == "wb" else f
 
+    import vlmood._io as io_mod
+
     monkeypatch.setattr(cache_mod, "open", fake_open, raising=False)
+    monkeypatch.setattr(io_mod, "open", fake_open, raising=False)  # where atomic_write_bytes lives
 
 
 def test_atomic_write_failure_removes_its_temp_file(tmp_path, monkeypatch, full_disk):
@@ -360,7 +363,9 @@ def test_atomic_write_failure_removes_its_temp_file(tmp_path, monkeypatch, full_
     with pytest.raises(OSError, match="No space left"):
         atomic_write_bytes(target, b"new contents")
     assert target.read_text() == "old" and not all_temp_files(tmp_path)
-    monkeypatch.setattr(cache_mod, "open", lambda *a: FullDiskFile(open(*a), KeyboardInterrupt()), raising=False)
+    import vlmood._io as io_mod
+
+    monkeypatch.setattr(io_mod, "open", lambda *a: FullDiskFile(open(*a), KeyboardInterrupt()), raising=False)
     with pytest.raises(KeyboardInterrupt):  # every failure path, not only OSError
         atomic_write_bytes(target, b"new contents")
     assert target.read_text() == "old" and not all_temp_files(tmp_path)

@@ -1,7 +1,9 @@
 """Small I/O helpers shared by every module that reads user text files or prints user paths."""
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from pathlib import Path
 
 from .errors import InvalidInputError
@@ -51,18 +53,12 @@ def printable(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``tensors`` (and string ``metadata``) as a safetensors file, atomically: a temporary file in the same
-    folder, then a rename; on any failure (a full disk, an interrupt) the temporary file is removed and ``path`` is
-    unchanged. The file gets the usual permissions (``0666`` less the umask): ``safetensors``' own ``save_file``
-    creates owner-only (``0600``) files. Raises ``OSError`` (and ``safetensors``' errors for bad tensors).
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a unique temporary file and an atomic rename.
+
+    On any failure (a full disk, a read-only folder, an interrupt) the temporary file is removed and the
+    exception re-raised; ``path`` is then unchanged.
     """
-    import uuid
-
-    from safetensors.torch import save
-
-    path = Path(path)
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -71,9 +67,19 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (and string ``metadata``) as a safetensors file, atomically: a temporary file in the same
+    folder, then a rename; on any failure (a full disk, an interrupt) the temporary file is removed and ``path`` is
+    unchanged. The file gets the usual permissions (``0666`` less the umask): ``safetensors``' own ``save_file``
+    creates owner-only (``0600``) files. Raises ``OSError`` (and ``safetensors``' errors for bad tensors).
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
     return path

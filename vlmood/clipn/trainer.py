@@ -49,7 +49,7 @@ from .._io import printable
 from ..data import ImageSource
 from ..errors import InvalidInputError
 from ..losses import clipn_loss
-from ..tuning.trainer import NonFiniteLossError, _differing, _positive_float, _positive_int
+from ..tuning.trainer import NonFiniteLossError, _differing, _positive_float, _positive_int, rewrite_log
 from .model import NUM_NO_PROMPTS, CLIPNModel
 
 CHECKPOINT = "checkpoint.pt"
@@ -414,27 +414,13 @@ class CLIPNTrainer:
     @staticmethod
     def _read_log(run: Path, steps_done: int, steps_per_epoch: int) -> list[dict[str, Any]]:
         """The log records up to the checkpoint's step; the file is rewritten with only those."""
-        path = run / LOG
-        records = []
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by an interruption
-                if not isinstance(rec, dict) or "error" in rec:
-                    continue
-                step, epoch = rec.get("step"), rec.get("epoch")
-                if "data" in rec or (not rec.get("summary") and isinstance(step, int) and step <= steps_done) or \
-                        (rec.get("summary") and isinstance(epoch, int) and epoch * steps_per_epoch <= steps_done):
-                    records.append(rec)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # an interruption never truncates the log
-        try:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return records
+        def keep(rec: dict[str, Any]) -> bool:
+            step, epoch = rec.get("step"), rec.get("epoch")
+            if rec.get("summary"):
+                return isinstance(epoch, int) and epoch * steps_per_epoch <= steps_done
+            return "data" in rec or (isinstance(step, int) and step <= steps_done)
+
+        return rewrite_log(run / LOG, keep)
 
     @staticmethod
     def _log(log: list[dict[str, Any]], log_file: Any, rec: dict[str, Any]) -> None:

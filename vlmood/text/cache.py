@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .._io import printable
+from .._io import atomic_write_bytes, printable
 from .._paths import cache_root
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -77,25 +77,6 @@ def _checksum(keys: torch.Tensor, emb: torch.Tensor) -> str:
     h.update(keys.contiguous().numpy().tobytes())
     h.update(emb.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a unique temporary file and an atomic rename.
-
-    On any failure (a full disk, a read-only folder, an interrupt) the temporary file is removed and the
-    exception re-raised; ``path`` is then unchanged.
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def sweep_stale_temp_files(folder: Path, max_age: float = STALE_TMP_SECONDS) -> int:

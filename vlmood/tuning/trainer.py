@@ -37,7 +37,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -403,19 +403,7 @@ class PromptTrainer:
     @staticmethod
     def _read_log(run: Path, epochs_done: int) -> list[dict[str, Any]]:
         """The log records of the epochs the checkpoint holds; the file is rewritten with only those."""
-        path = run / LOG
-        records = []
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by an interruption
-                if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= epochs_done \
-                        and "error" not in rec:
-                    records.append(rec)
-        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        return records
+        return rewrite_log(run / LOG, lambda rec: isinstance(rec.get("epoch"), int) and rec["epoch"] <= epochs_done)
 
     @staticmethod
     def _log(loop: "_Loop", rec: dict[str, Any]) -> None:
@@ -437,6 +425,24 @@ class PromptTrainer:
         raise NonFiniteLossError(f"{self.method} training stopped: non-finite {what} at epoch {epoch + 1}, step "
                                  f"{step + 1} of {loop.n_steps} ({parts}); {kept}; lower lr or check the training "
                                  "images")
+
+
+def rewrite_log(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The records of a JSON-lines training log that ``keep`` accepts (lines cut by an interruption and error
+    records are dropped); the file is rewritten with only those, atomically (an interruption never truncates it)."""
+    from .._io import atomic_write_bytes
+
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by an interruption
+            if isinstance(rec, dict) and "error" not in rec and keep(rec):
+                records.append(rec)
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+    return records
 
 
 def _differing(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
