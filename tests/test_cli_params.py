@@ -114,7 +114,7 @@ EVAL = ["eval", "--model", "toyworld", "--classes", CLASSES, "--id", "nowhere", 
     (EVAL + ["--methods", "mcm,glmcm", "--param", "temperature=2", "--param", "glmcm.temperature=3"],
      "'temperature' of glmcm is already set by --param temperature=2"),
     (["mine-negatives", "--model", "toyworld", "--classes", CLASSES, "--seed", "1", "--out", "n.txt"],
-     "--seed sets the grouping a .json detector scores with"),
+     "--seed sets the grouping a saved detector scores with"),
 ])
 def test_param_mistakes_are_one_line_before_the_model(capsys, argv, needle):
     assert needle in _err(capsys, argv)

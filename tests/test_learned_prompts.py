@@ -128,15 +128,20 @@ def test_repr_names_the_learned_prompts(enc, learned, tmp_path):
 
 
 def test_neglabel_file_records_the_prompts_it_was_mined_with(enc, learned, feats, tmp_path):
+    from test_neglabel import legacy_json  # NegLabel JSON files of earlier versions (record the prompts' file)
+
     p = learned.save(tmp_path / "p.safetensors")
     det = NegLabel(enc, prompts=p, **NEG)
-    det.save(tmp_path / "det.json")
+    # a detector file holds the learned context itself: it loads without the prompts file
+    new = det.save(tmp_path / "det.vlmood")
+    (tmp_path / "det.json").write_text(json.dumps(legacy_json(det)))
     data = json.loads((tmp_path / "det.json").read_text())
     assert data["templates"] == [] and data["prompts"]["file"] == str(p)
     again = NegLabel.load(tmp_path / "det.json", enc)
     assert again.prompts_file == p and np.array_equal(again.score_features(feats), det.score_features(feats))
     # moved: pass the new place; the digest proves they are the same prompts
     moved = p.rename(tmp_path / "moved.safetensors")
+    assert np.array_equal(NegLabel.load(new, enc).score_features(feats), det.score_features(feats))
     with pytest.raises(InvalidInputError, match="mined with learned prompts: learned-prompts file not found"):
         NegLabel.load(tmp_path / "det.json", enc)
     assert np.array_equal(NegLabel.load(tmp_path / "det.json", enc, prompts=moved).score_features(feats),
@@ -146,7 +151,7 @@ def test_neglabel_file_records_the_prompts_it_was_mined_with(enc, learned, feats
     with pytest.raises(InvalidInputError, match="differ from the learned prompts its negatives were mined with"):
         NegLabel.load(tmp_path / "det.json", enc, prompts=other)
     # prompts that were never in a file: the saved detector asks for them
-    NegLabel(enc, prompts=learned, **NEG).save(tmp_path / "mem.json")
+    (tmp_path / "mem.json").write_text(json.dumps(legacy_json(NegLabel(enc, prompts=learned, **NEG))))
     with pytest.raises(InvalidInputError, match="not read from a file; pass prompts=FILE") as e:
         NegLabel.load(tmp_path / "mem.json", enc)
     one_line(e.value)
@@ -154,10 +159,12 @@ def test_neglabel_file_records_the_prompts_it_was_mined_with(enc, learned, feats
                           det.score_features(feats))
     # a zero-shot file scored with learned prompts keeps its negatives and drops its ID templates
     zero = NegLabel(enc, CLASSES, **NEG)
-    zero.save(tmp_path / "zero.json")
-    mixed = NegLabel.load(tmp_path / "zero.json", enc, prompts=learned)
-    assert mixed.negatives_ == zero.fit().negatives_ and mixed.templates == []
-    assert torch.allclose(mixed.text_features, learned.text_features(enc))
+    for f in (zero.save(tmp_path / "zero.vlmood"), tmp_path / "zero.json"):
+        if f.suffix == ".json":
+            f.write_text(json.dumps(legacy_json(zero)))
+        mixed = NegLabel.load(f, enc, prompts=learned)
+        assert mixed.negatives_ == zero.fit().negatives_ and mixed.templates == []
+        assert torch.allclose(mixed.text_features, learned.text_features(enc))
 
 
 # ------------------------------------------------------------------------------------------- harness
@@ -218,11 +225,11 @@ def test_no_classes_and_no_prompts(enc):
 
 def test_bad_prompts_arguments_are_one_line(enc, learned, tiny, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    NegLabel(enc, CLASSES, **NEG).save(tmp_path / "det.json")
+    NegLabel(enc, CLASSES, **NEG).save(tmp_path / "det.vlmood")
     cases = [
         (tmp_path / "missing.safetensors", "learned-prompts file not found"),
         (tmp_path / "notes.txt", "is not a readable safetensors file"),
-        (str(tmp_path / "det.json"), "is not a readable safetensors file"),
+        (str(tmp_path / "det.vlmood"), r"det\.vlmood is not a vlmood learned-prompts file \(format 'vlmood\.detector'"),
         ("", "prompts is an empty path"),
         (42, "prompts must be LearnedPrompts or the path of a learned-prompts file, got int"),
     ]

@@ -312,7 +312,7 @@ def test_benchmark_report_mixes_mcm_and_the_lvlm_detector(toy, tmp_path):
     assert "| lvlm (invalid=ood) | other shapes | 10 | 1 | 10.00 | 0 | complete: 9, refusal: 1 |" in md
     data = json.loads(files["json"].read_text())
     assert data["invalid"]["lvlm"]["other shapes"]["statuses"] == {"complete": 9, "refusal": 1}
-    assert {"hist_lvlm", "roc_lvlm"} <= set(files)
+    assert {"hist_lvlm", "roc"} <= set(files)
 
 
 def test_benchmark_with_only_an_lvlm_detector_needs_no_encoder(toy):

@@ -13,7 +13,6 @@ def test_lvlm_notebook_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VLMOOD_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)  # the notebook finds the test server from the installed checkout
     nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
-    assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
     scope: dict = {}
     for k, cell in enumerate(nb["cells"]):
         if cell["cell_type"] == "code":

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import vlmood
 from vlmood import lexicons, scores
 from vlmood.cli import main
+from vlmood.detectors.persist import read_detector_meta
 from vlmood.errors import InvalidInputError
 from vlmood.negatives import CSP_SUPERCLASSES, candidate_pool, mine, percentile_similarity
 
@@ -175,19 +176,19 @@ def test_neglabel_save_load_needs_no_mining(tiny, small_lexicon, tmp_path, monke
     det = vlmood.NegLabel(tiny, ["cat", "dog"], lexicon=str(d), ratio=0.4, ngroups=2)
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     before = det.score(images)
-    det.save(tmp_path / "neg.json")
-    data = json.loads((tmp_path / "neg.json").read_text())
+    path = det.save(tmp_path / "neg.vlmood")
+    data = read_detector_meta(path)
     assert data["negatives"][0].keys() == {"label", "pos"} and data["params"]["ngroups"] == 2
     import vlmood.detectors.neglabel as mod
 
     monkeypatch.setattr(mod, "mine", lambda *a, **k: pytest.fail("re-mined"))
-    loaded = vlmood.NegLabel.load(tmp_path / "neg.json", tiny)
+    loaded = vlmood.NegLabel.load(path, tiny)
     np.testing.assert_allclose(loaded.score(images), before, rtol=1e-6)
     assert loaded.negatives_ == det.negatives_
-    with pytest.warns(UserWarning, match="mined with another encoder"):
+    with pytest.warns(UserWarning, match="neg.vlmood was saved with .* its text side is recomputed"):
         from vlmood.testing import tiny_encoder
 
-        vlmood.NegLabel.load(tmp_path / "neg.json", tiny_encoder(5))
+        vlmood.NegLabel.load(path, tiny_encoder(5))
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(InvalidInputError, match="bad.json is not a saved NegLabel/CSP detector"):
         vlmood.NegLabel.load(tmp_path / "bad.json", tiny)
@@ -241,8 +242,8 @@ def test_cli_mine_negatives(tiny, small_lexicon, tmp_path):
     lines = [ln for ln in (tmp_path / "neg.txt").read_text().splitlines() if not ln.startswith("#")]
     assert len(lines) == 9 + 5 and all(ln.split("\t")[1] in ("noun", "adj") for ln in lines)
     assert main(["mine-negatives", "--model", spec, "--classes", "cat,dog", "--lexicon", str(d), "--ratio", "0.5",
-                 "--ngroups", "2", "--out", str(tmp_path / "neg.json")]) == 0
-    loaded = vlmood.NegLabel.load(tmp_path / "neg.json", tiny)
+                 "--ngroups", "2", "--out", str(tmp_path / "neg.vlmood")]) == 0
+    loaded = vlmood.load_detector(tmp_path / "neg.vlmood", tiny)
     assert len(loaded.negatives_) == 14 and loaded.ngroups == 2
     direct = vlmood.NegLabel(tiny, ["cat", "dog"], lexicon=str(d), ratio=0.5, ngroups=2)
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(9))
@@ -252,6 +253,7 @@ def test_cli_mine_negatives(tiny, small_lexicon, tmp_path):
                  "--out", str(tmp_path / "x.txt")]) == 2
     assert main(["mine-negatives", "--model", spec, "--classes", "cat,dog", "--lexicon", "nope",
                  "--out", str(tmp_path / "x.txt")]) == 2
+    assert main(["mine-negatives", "--model", spec, "--classes", "cat,dog", "--out", str(tmp_path / "x.json")]) == 2
 
 
 # ------------------------------------------------------------------ CSP pool against the reference's rule
@@ -332,12 +334,30 @@ def test_lexicon_selection_mistakes(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ saved detector files
+def legacy_json(det):
+    """What NegLabel.save wrote before detector files (format ``vlmood.neglabel``, version 1): the JSON that
+    NegLabel.load, CSP.load and vlmood.load_detector still read."""
+    det.fit()
+    data = {"format": "vlmood.neglabel", "version": 1, "method": det.name, "pool": det.pool,
+            "encoder": det.encoder.fingerprint, "classes": det.classes, "templates": det.templates,
+            "neg_templates": det.saved_neg_templates(), "lexicon": det.get_params()["lexicon"],
+            "params": {k: getattr(det, k) for k in ("percentile", "ratio", "temperature", "ngroups", "seed")},
+            "negatives": [{"label": w, "pos": p} for w, p in det.negatives_]}
+    if det.prompts is not None:
+        from vlmood.detectors.neglabel import prompts_digest
+
+        data["templates"] = []
+        data["prompts"] = {"file": None if det.prompts_file is None else str(det.prompts_file),
+                           "sha256": prompts_digest(det.prompts)}
+    return data
+
+
 @pytest.fixture
 def saved(tiny, small_lexicon, tmp_path):
     d, _, _ = small_lexicon
     det = vlmood.NegLabel(tiny, ["cat", "dog"], lexicon=str(d), ratio=0.4, ngroups=2)
-    det.save(tmp_path / "neg.json")
-    return tmp_path / "neg.json", json.loads((tmp_path / "neg.json").read_text()), det
+    data = legacy_json(det)
+    return write_json(tmp_path / "neg.json", data), data, det
 
 
 def write_json(path, data):
@@ -347,8 +367,12 @@ def write_json(path, data):
 
 def test_saved_file_has_format_and_version(saved, tiny):
     path, data, det = saved
-    assert (data["format"], data["version"]) == ("vlmood.neglabel", 1)
-    assert set(data["neg_templates"]) == {"noun", "adj"} and data["templates"] == ["the nice {}"]
+    meta = read_detector_meta(det.save(path.with_name("neg.vlmood")))
+    assert (meta["format"], meta["version"]) == ("vlmood.detector", 1) and meta["method"] == "neglabel"
+    assert set(meta["neg_templates"]) == {"noun", "adj"} and meta["templates"] == ["the nice {}"]
+    assert meta["negatives"] == data["negatives"] and meta["params"] == {**data["params"], "pool": "neglabel",
+                                                                         "lexicon": data["lexicon"]}
+    assert vlmood.NegLabel.load(path, tiny).negatives_ == det.negatives_  # the JSON of earlier versions
     old = {k: v for k, v in data.items() if k not in ("format", "version")}  # a file from before the version
     loaded = vlmood.NegLabel.load(write_json(path.with_name("old.json"), old), tiny)
     assert loaded.negatives_ == det.negatives_ and loaded.ngroups == 2
@@ -360,13 +384,14 @@ def test_saved_file_has_format_and_version(saved, tiny):
 def test_csp_file_loads_as_csp_and_csp_load_refuses_neglabel(tiny, small_lexicon, saved, tmp_path):
     d, _, _ = small_lexicon
     csp = vlmood.CSP(tiny, ["cat", "dog"], lexicon=str(d), ratio=0.5, ngroups=2)
-    csp.save(tmp_path / "csp.json")
-    loaded = vlmood.NegLabel.load(tmp_path / "csp.json", tiny)
-    assert type(loaded) is vlmood.CSP and loaded.negatives_ == csp.negatives_ and len(loaded.templates) == 8
-    assert type(vlmood.CSP.load(tmp_path / "csp.json", tiny)) is vlmood.CSP
-    with pytest.raises(InvalidInputError, match=r"neg\.json holds a saved NegLabel detector, not CSP; "
-                                                r"load it with vlmood\.NegLabel\.load"):
-        vlmood.CSP.load(saved[0], tiny)
+    for f in (csp.save(tmp_path / "csp.vlmood"), write_json(tmp_path / "csp.json", legacy_json(csp))):
+        loaded = vlmood.NegLabel.load(f, tiny)
+        assert type(loaded) is vlmood.CSP and loaded.negatives_ == csp.negatives_ and len(loaded.templates) == 8
+        assert type(vlmood.CSP.load(f, tiny)) is vlmood.CSP
+    for f in (saved[0], saved[2].save(tmp_path / "neg.vlmood")):
+        with pytest.raises(InvalidInputError, match=r"neg\.(json|vlmood) holds a saved NegLabel detector, not CSP; "
+                                                    r"load it with vlmood\.NegLabel\.load"):
+            vlmood.CSP.load(f, tiny)
 
 
 def _edit(data, field, value):
@@ -431,10 +456,9 @@ def test_saved_templates_cover_every_part_of_speech(tiny, small_lexicon, tmp_pat
     d, _, _ = small_lexicon
     (d / "verb.motion.txt").write_text("run\njump\nswim\nfly\n")
     det = vlmood.NegLabel(tiny, ["cat", "dog"], lexicon=str(d), ratio=0.5, ngroups=2)
-    det.save(tmp_path / "verbs.json")
-    data = json.loads((tmp_path / "verbs.json").read_text())
+    data = read_detector_meta(det.save(tmp_path / "verbs.vlmood"))
     assert "verb" in {n["pos"] for n in data["negatives"]} and data["neg_templates"]["verb"] == ["the nice {}"]
-    assert vlmood.NegLabel.load(tmp_path / "verbs.json", tiny).negatives_ == det.negatives_
+    assert vlmood.NegLabel.load(tmp_path / "verbs.vlmood", tiny).negatives_ == det.negatives_
 
 
 @pytest.mark.parametrize("content,match", [

@@ -46,7 +46,7 @@ def test_scores_csv_holds_every_image_and_score(saved):
 def test_reload_without_model_recomputes_the_saved_table(saved):
     report, folder, _ = saved
     loaded = Report.load(folder)  # no encoder, no detector
-    rows, acc = loaded.recompute()
+    rows, acc, thr = loaded.recompute()
     saved_rows = json.loads((folder / "results.json").read_text())["rows"]
     assert len(rows) == len(saved_rows) == 3 * 2  # 3 methods x 2 single-set groups
     for a, b in zip(rows, saved_rows):
@@ -56,6 +56,7 @@ def test_reload_without_model_recomputes_the_saved_table(saved):
             assert abs(a[k] - b[k]) <= 1e-9, (a["method"], a["dataset"], k)
     for m, v in report.id_accuracy.items():
         assert abs(acc[m] - v) <= 1e-9
+    assert thr == loaded.thresholds == report.thresholds  # exact: same finite ID scores, same rule
     assert loaded.metric("energy", "empty backgrounds", "auroc") == report.metric("energy", "empty backgrounds",
                                                                                    "auroc")
 
@@ -71,7 +72,8 @@ def test_excluded_images_are_empty_cells_and_stay_out_of_recomputed_metrics(tmp_
     assert text.splitlines()[6] == "x,w,,,"
     rep.rows = rep.recompute()[0]
     rep.save(tmp_path, plots=False)
-    rows, _ = Report.load(tmp_path).recompute()
+    rows, _, thr = Report.load(tmp_path).recompute()
+    assert thr == {"m": 0.7}  # 95% of the 2 finite ID scores {0.9, 0.7}: both kept, so the lower one
     # hand computation: ID {0.9, 0.7} vs OOD {0.1, 0.8}: pairs won 3 of 4 -> AUROC 0.75
     assert rows[0]["auroc"] == 0.75 and rows[0]["n_id"] == 2 and rows[0]["n_ood"] == 2
     assert rows[0]["n_id_excluded"] == 1 and rows[0]["n_ood_excluded"] == 1

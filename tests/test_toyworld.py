@@ -82,32 +82,6 @@ def test_resnet_local_features_are_the_value_path(toy):
     assert torch.allclose(loc, F.normalize(expected, dim=-1), atol=1e-5)
 
 
-def test_quickstart_notebook_runs(tmp_path, monkeypatch):
-    """Executes the notebook's code cells in order (IPython's display is stubbed when Jupyter is absent)."""
-    import json
-    import sys
-    import types
-    from pathlib import Path
-
-    nb = json.loads((Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb").read_text())
-    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    shown = []
-    try:
-        import IPython.display  # noqa: F401
-    except ImportError:  # no Jupyter here: a stand-in display that records what would be shown
-        fake = types.ModuleType("IPython.display")
-        fake.Image = lambda filename: filename
-        fake.display = shown.append
-        ipython = types.ModuleType("IPython")
-        ipython.get_ipython = lambda: None  # matplotlib asks for these
-        ipython.version_info = (9, 0)
-        monkeypatch.setitem(sys.modules, "IPython", ipython)
-        monkeypatch.setitem(sys.modules, "IPython.display", fake)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "quickstart.ipynb", "exec"), {})
-    assert (tmp_path / "quickstart-report" / "report.md").is_file()
-
-
 # ------------------------------------------------------------------ quality floors of the shipped model
 # Measured with the shipped checkpoint on toyworld.benchmark(n=200, seed=777) (CPU, fp32); floors a little lower.
 FLOORS = {  # method: (near AUROC, far AUROC); measured:
@@ -123,7 +97,20 @@ FLOORS = {  # method: (near AUROC, far AUROC); measured:
 
 @pytest.fixture(scope="module")
 def world_report(toy):
-    return toyworld.benchmark(n=200, seed=777).run(toy, toyworld.demo_detectors(), progress=False)
+    return toyworld.demo(toy, n=200, seed=777, progress=False)  # what `vlmood demo` runs, on held-out seeds
+
+
+def test_every_demo_row_is_explained(world_report):
+    """The demo's report says what each of its rows is (and why "neglabel (no shape nouns)" is there)."""
+    methods = list(world_report.scores)
+    assert methods == list(toyworld.demo_detectors())
+    own = toyworld.demo_descriptions()
+    assert set(own) == set(methods)
+    assert all(world_report.descriptions[m] == own[m] for m in methods)
+    assert "shape nouns (noun.shape.txt) removed" in world_report.descriptions["neglabel (no shape nouns)"]
+    md = world_report.to_markdown()
+    for m in methods:
+        assert f"- `{m}`: {own[m]}" in md
 
 
 @pytest.mark.parametrize("method", list(FLOORS))

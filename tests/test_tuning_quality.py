@@ -94,7 +94,6 @@ def test_few_shot_notebook_runs(tmp_path, monkeypatch):
     """Executes notebooks/few_shot.ipynb's code cells in order (IPython's display stubbed without Jupyter)."""
     path = Path(__file__).parent.parent / "notebooks" / "few_shot.ipynb"
     nb = json.loads(path.read_text())
-    assert sum(len(json.dumps(c.get("outputs", []))) for c in nb["cells"]) < 50_000  # committed outputs stay small
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     shown = []
     try:

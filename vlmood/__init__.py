@@ -4,7 +4,7 @@ Convention everywhere: a detector's score is **higher for more in-distribution i
 in-distribution as the positive class.
 """
 from .clipn import CLIPNModel, CLIPNTrainer
-from .detectors import CLIPN, CSP, DETECTORS, GLMCM, MCM, Detector, Energy, MaxLogit, NegLabel, Prediction, make_detector
+from .detectors import CLIPN, CSP, DETECTORS, GLMCM, MCM, Detector, Energy, MaxLogit, NegLabel, Prediction, load_detector, make_detector
 from .encoders import Encoder, load_encoder, parse_spec
 from .evaluation import Benchmark, Report
 from .features import Features, extract_features
@@ -17,6 +17,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CLIPN", "CLIPNModel", "CLIPNTrainer", "CSP", "DETECTORS", "GLMCM", "MCM", "NegLabel", "Benchmark", "CoOp", "Detector", "EmbeddingCache", "Encoder",
     "Energy", "Features", "LearnedPrompts", "LoCoOp", "MaxLogit", "Prediction", "Report", "class_embeddings",
-    "embed_texts", "evaluate", "extract_features", "load_classes", "load_encoder", "load_prompts", "load_templates",
+    "embed_texts", "evaluate", "extract_features", "load_classes", "load_detector", "load_encoder", "load_prompts", "load_templates",
     "make_detector", "parse_spec",
 ]

@@ -1,4 +1,5 @@
-"""Command-line interface: ``vlmood score``, ``eval``, ``train``, ``demo``, ``mine-negatives``, ``embed-texts``."""
+"""Command-line interface: ``vlmood score``, ``calibrate``, ``eval``, ``train``, ``demo``, ``mine-negatives``,
+``embed-texts``, ``cache``, ``lvlm``."""
 from __future__ import annotations
 
 import argparse
@@ -64,9 +65,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="SPEC",
-                   help="open_clip:ARCH/PRETRAINED, open_clip:ARCH@CKPT, open_clip:ARCH/none, or hf:MODEL_ID_OR_DIR")
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, metavar="SPEC",
+                   help="open_clip:ARCH/PRETRAINED, open_clip:ARCH@CKPT, open_clip:ARCH/none, or hf:MODEL_ID_OR_DIR"
+                        + ("" if required else " (with --detector: default the model the detector file records)"))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
                    help="autocast precision (default: bf16/fp16 on CUDA, fp32 on CPU)")
@@ -92,6 +94,46 @@ def _method(name: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that reads image sources (``score``, ``calibrate``, ``eval``)."""
+    p.add_argument("--image-column", default=None, metavar="NAME",
+                   help="image column of hf: datasets (default: image)")
+    p.add_argument("--label-column", default=None, metavar="NAME",
+                   help="label column of hf: datasets (default: label, when the dataset has one); folders take labels "
+                        "from ImageFolder subfolders, manifests from their label column")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="unreadable images: stop (raise, default) or record them and go on (skip)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--workers", type=int, default=None, help="decoding workers (default min(4, cpus-1))")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+
+
+def _add_detector_args(p: argparse.ArgumentParser, classes_help: str) -> None:
+    """How ``score`` and ``calibrate`` build one detector: method, classes, text side and hyper-parameters."""
+    from .detectors import DETECTORS
+
+    p.add_argument("--classes", metavar="FILE_OR_LIST", help=classes_help)
+    p.add_argument("--method", default=None, type=_method, metavar="|".join(DETECTORS),
+                   help="scoring rule (default: mcm; case, '-' and '_' are ignored)")
+    p.add_argument("--templates", default=None, metavar="NAME_OR_FILE",
+                   help="prompt templates: simple, imagenet7, imagenet80, or a file with one per line "
+                        "(default: the method's own; simple for MCM-style methods)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="learned prompts from `vlmood train` (.safetensors): the ID class embeddings come from them "
+                        "instead of --templates (NegLabel/CSP: the ID side only)")
+    p.add_argument("--no", metavar="FILE",
+                   help="CLIPN's trained no side for the clipn methods: the file `vlmood train clipn` wrote, or a "
+                        "reference checkpoint of xmed-lab/CLIPN, trained on --model (default: the one vlmood ships, "
+                        "for the toy-world model only)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="method hyper-parameter NAME=VALUE passed to the detector (repeatable; VALUE: int, float, "
+                        "true/false or text; each parameter once), e.g. --param temperature=0.5. Parameters: "
+                        + _params_help())
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the methods that draw random numbers (neglabel, csp: the negative grouping; "
+                        "default: their own, 0); refused for methods that draw none")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .detectors import DETECTORS
 
@@ -102,36 +144,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     s = sub.add_parser("score", help="score images: predicted class, ID score (higher = more in-distribution), is_ood",
-                       description="Score images; writes one CSV row per image: path, class, score, is_ood, error.")
-    _add_model_args(s)
-    s.add_argument("--classes", metavar="FILE_OR_LIST",
-                   help="ID class names: a file (one per line), a bundled list (imagenet1k, cifar10, cifar100) or "
-                        "'cat,dog'; optional with --prompts (default: the prompts' classes, which it must equal)")
-    s.add_argument("--images", required=True, metavar="DIR|GLOB|CSV", help="folder (recursive), glob, or CSV manifest")
-    s.add_argument("--method", default="mcm", type=_method, metavar="|".join(DETECTORS),
-                   help="scoring rule (default: mcm; case, '-' and '_' are ignored)")
-    s.add_argument("--templates", default=None, metavar="NAME_OR_FILE",
-                   help="prompt templates: simple, imagenet7, imagenet80, or a file with one per line "
-                        "(default: the method's own; simple for MCM-style methods)")
-    s.add_argument("--prompts", metavar="FILE",
-                   help="learned prompts from `vlmood train` (.safetensors): the ID class embeddings come from them "
-                        "instead of --templates (NegLabel/CSP: the ID side only)")
-    s.add_argument("--no", metavar="FILE",
-                   help="CLIPN's trained no side for the clipn methods: the file `vlmood train clipn` wrote, or a "
-                        "reference checkpoint of xmed-lab/CLIPN, trained on --model (default: the one vlmood ships, "
-                        "for the toy-world model only)")
+                       description="Score images; writes one CSV row per image: path (id for hf: datasets), class, "
+                                   "score, is_ood, error. With --detector FILE (from `vlmood calibrate` or "
+                                   "`vlmood eval --save-detectors`) the file's method, classes, text side and "
+                                   "threshold are used.")
+    _add_model_args(s, required=False)
+    s.add_argument("--detector", metavar="FILE",
+                   help="a saved detector (.vlmood): its model, method, classes, text side and calibrated threshold "
+                        "(is_ood); excludes --method/--classes/--templates/--prompts/--no/--param/--seed")
+    _add_detector_args(s, "ID class names: a file (one per line), a bundled list (imagenet1k, cifar10, cifar100) or "
+                          "'cat,dog'; optional with --prompts (default: the prompts' classes, which it must equal)")
+    s.add_argument("--images", required=True, metavar="SOURCE",
+                   help="images: folder (recursive), glob, CSV manifest, or hf:NAME[:split]")
     s.add_argument("--threshold", type=_finite, default=None,
-                   help="scores below this (and NaN scores) are flagged is_ood=1 (omit: no is_ood column values)")
+                   help="scores below this (and NaN scores) are flagged is_ood=1 (default: the --detector file's "
+                        "calibrated threshold; without one, the is_ood column is empty)")
     s.add_argument("--out", required=True, metavar="CSV", help="output CSV path")
-    s.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                   help="unreadable images: stop (raise, default) or list them in the output and go on (skip)")
-    s.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    s.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="method hyper-parameter NAME=VALUE passed to the detector (repeatable; VALUE: int, float, true/false or text; each parameter once), e.g. --param temperature=0.5. Parameters: " + _params_help())
-    s.add_argument("--seed", type=int, default=None,
-                   help="seed of the methods that draw random numbers (neglabel, csp: the negative grouping; "
-                        "default: their own, 0); refused for methods that draw none")
+    _add_source_args(s)
+
+    cb = sub.add_parser("calibrate", help="fit a detector, calibrate its threshold on ID images, save it (.vlmood)",
+                        description="Fit a detector, set its threshold so that --tpr of the --id images are kept as "
+                                    "in-distribution, and save it (method, classes, text side, threshold, model) "
+                                    "for `vlmood score --detector FILE` or vlmood.load_detector(FILE).")
+    _add_model_args(cb)
+    _add_detector_args(cb, "ID class names: a file (one per line), a bundled list or 'cat,dog'; optional with "
+                           "--prompts")
+    cb.add_argument("--id", required=True, metavar="SOURCE",
+                    help="ID images to calibrate on: folder, glob, manifest, or hf:NAME[:split]")
+    cb.add_argument("--tpr", type=_finite, default=0.95,
+                    help="fraction of ID images kept as in-distribution (default 0.95)")
+    cb.add_argument("--out", required=True, metavar="FILE", help="detector file to write (e.g. detector.vlmood)")
+    _add_source_args(cb)
 
     v = sub.add_parser("eval", help="evaluate detectors on an ID set and OOD sets; writes a report",
                        description="Encode every image once, score it with every method, and write report.md, "
@@ -160,11 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-zero-shot", action="store_true",
                    help="with --prompts: score only the learned variants, not the zero-shot methods")
     v.add_argument("--report", required=True, metavar="DIR", help="output folder")
-    v.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                   help="unreadable images: stop (raise) or list them in the report (skip)")
-    v.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    v.add_argument("--workers", type=int, default=None, help="decoding workers (default min(4, cpus-1))")
-    v.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    v.add_argument("--save-detectors", metavar="DIR",
+                   help="also save every evaluated detector, calibrated at 95%% TPR on the ID set, as "
+                        "DIR/METHOD.vlmood (for `vlmood score --detector`)")
+    _add_source_args(v)
     v.add_argument("--param", action="append", default=[], metavar="[METHOD.]NAME=VALUE",
                    help="method hyper-parameter [METHOD.]NAME=VALUE passed to the detectors (repeatable; VALUE: int, float, true/false or text; each parameter once), e.g. --param temperature=0.5 (every method in --methods, each must take it) or --param neglabel.ngroups=50 (that method only). Parameters: " + _params_help())
     v.add_argument("--seed", type=int, default=None,
@@ -266,10 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--percentile", type=_finite, default=0.95, help="similarity quantile (default 0.95)")
     n.add_argument("--ratio", type=_finite, default=0.15, help="fraction kept per part of speech (default 0.15)")
     n.add_argument("--ngroups", type=int, default=100,
-                   help="groups a saved .json detector scores with (default 100; at most the number of negatives)")
+                   help="groups a saved detector scores with (default 100; at most the number of negatives)")
     n.add_argument("--seed", type=int, default=None,
-                   help="seed of the negative grouping a saved .json detector scores with (default 0); .json only")
-    n.add_argument("--out", required=True, metavar="FILE", help="negatives.txt or detector.json")
+                   help="seed of the negative grouping a saved detector scores with (default 0); not for .txt")
+    n.add_argument("--out", required=True, metavar="FILE",
+                   help="negatives.txt (the words) or detector.vlmood (a NegLabel/CSP detector for "
+                        "`vlmood score --detector` or vlmood.load_detector)")
 
     e = sub.add_parser("embed-texts", help="fill the text-embedding cache ahead of time",
                        description="Embed prompts into the disk cache ($VLMOOD_CACHE or the platform cache dir).")
@@ -278,6 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--classes", metavar="FILE_OR_LIST", help="class names to expand with --templates")
     e.add_argument("--templates", default=None, metavar="NAME_OR_FILE", help="templates for --classes (default: simple)")
     e.add_argument("--batch-size", type=int, default=256, help="prompts per forward pass (default 256)")
+
+    ca = sub.add_parser("cache", help="show or clear vlmood's disk caches (text embeddings, image features)",
+                        description="The caches live in $VLMOOD_CACHE (default: the platform user cache folder).")
+    csub = ca.add_subparsers(dest="cache_command", required=True, parser_class=_Parser, metavar="ACTION")
+    csub.add_parser("info", help="size and entries per kind and encoder",
+                    description="List each cached namespace: kind, encoder, precision, entries, size, last change.")
+    cc = csub.add_parser("clear", help="delete cached namespaces (everything, one encoder's, or old ones)",
+                         description="Delete whole cache namespaces. Without options: everything.")
+    cc.add_argument("--encoder", metavar="FINGERPRINT",
+                    help="only this encoder's entries (a fingerprint or a unique prefix, as `vlmood cache info` shows)")
+    cc.add_argument("--older-than", type=_finite, default=None, metavar="DAYS",
+                    help="only namespaces not written for more than DAYS days")
 
     lv = sub.add_parser("lvlm", help="OOD detection with a local vision-language chat model (OpenAI-compatible "
                         "server: vLLM, Ollama, llama.cpp, LM Studio, SGLang)",
@@ -512,27 +568,44 @@ def _params_help() -> str:
     return "; ".join(f"{k}: {', '.join(method_params(k)) or '-'}" for k in DETECTORS)
 
 
-def _cmd_score(args: argparse.Namespace) -> int:
-    import numpy as np
+def _source_arg(args: argparse.Namespace, source: Any) -> Any:
+    """A ``--images``/``--id``/``--ood`` value for :func:`vlmood.data.as_source`: ``hf:`` datasets opened with
+    ``--image-column``/``--label-column``, everything else as given (scanned later, before the model loads)."""
+    if not (isinstance(source, str) and source.startswith("hf:")):
+        return source
+    from .data import as_source
 
-    from .data import PathSource, list_images
-    from .detectors import make_detector
-    from .encoders import load_encoder, parse_spec
-    from .features import extract_features
+    src = as_source(source, image_column=args.image_column or "image", label_column=args.label_column or "label")
+    if args.label_column and src.labels is None and args.label_column not in getattr(src.ds, "column_names", []):
+        raise _UsageError(f"dataset {printable(source)!r} has no label column {args.label_column!r}; columns: "
+                          f"{src.ds.column_names}")
+    return src
+
+
+def _check_columns(args: argparse.Namespace, sources: Sequence[Any]) -> None:
+    """``--image-column``/``--label-column`` name columns of ``hf:`` datasets: refused when no source is one (they
+    would be silently ignored)."""
+    given = [f for f in ("--image-column", "--label-column") if _given(args, f)]
+    if given and not any(isinstance(x, str) and x.startswith("hf:") for x in sources):
+        raise _UsageError(f"{' and '.join(given)} name columns of hf: datasets, and no image source here is one "
+                          "(folders take labels from their subfolders, manifests from their label column)")
+
+
+def _detector_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """The detector ``score``/``calibrate`` will build, checked without loading any model."""
+    from .encoders import parse_spec
     from .text import load_classes, load_templates
 
-    # cheap checks first: arguments, then paths, then the model (a typo should not wait for a model to load)
-    _check_counts(args)
-    _require_nonempty(args, "--images", "--classes", "--templates", "--prompts", "--no")
+    method = args.method or "mcm"
+    params = _method_params(args.param, [method], args.seed, scoped=False)[method]
     spec = parse_spec(args.model)
     if args.prompts is not None and args.templates is not None:
         raise _UsageError("--templates and --prompts exclude each other: learned prompts replace the templates")
-    params = _method_params(args.param, [args.method], args.seed, scoped=False)[args.method]
-    clipn = _clipn_methods([args.method])
+    clipn = _clipn_methods([method])
     if clipn and args.prompts is not None:
         raise _UsageError("--prompts (learned prompts) do not apply to CLIPN, whose text side is the templates of "
                           "its yes and no towers: drop --prompts (its no side is --no FILE)")
-    _check_no(args, spec, clipn, f"--method {args.method}")
+    _check_no(args, spec, clipn, f"--method {method}")
     learned = _load_prompts(args)
     classes = load_classes(args.classes) if args.classes is not None else None
     if learned is not None:
@@ -540,44 +613,166 @@ def _cmd_score(args: argparse.Namespace) -> int:
     elif classes is None:
         raise _UsageError("give --classes FILE_OR_LIST (or --prompts FILE, whose classes are used)")
     templates = load_templates(args.templates) if args.templates is not None else None  # None: the method's own
-    out = _check_output_file(args.out, "--out")
-    if Path(args.images).is_file() and os.path.realpath(args.images) == os.path.realpath(out):
-        raise _UsageError(f"--out {printable(args.out)} is the --images manifest itself; it would be overwritten")
-    items = list_images(args.images)
-    encoder = load_encoder(spec, device=args.device, precision=args.precision)
-    extra = {"no": _load_no(args, encoder)} if clipn else {}
-    det = make_detector(args.method, encoder, classes, templates=templates, prompts=learned, **extra, **params)
+    label = method if learned is None else _learned_label(method, learned)
+    return {"spec": spec, "method": method, "params": params, "clipn": bool(clipn), "learned": learned,
+            "classes": classes, "templates": templates, "label": label}
+
+
+def _build_detector(args: argparse.Namespace, plan: dict[str, Any], encoder: Any) -> Any:
+    from .detectors import make_detector
+
+    extra = {"no": _load_no(args, encoder)} if plan["clipn"] else {}
+    det = make_detector(plan["method"], encoder, plan["classes"], templates=plan["templates"],
+                        prompts=plan["learned"], **extra, **plan["params"])
     if det.needs_local:
         encoder.require_local()
-    det.fit()
-    feats = extract_features(encoder, PathSource(items, name=str(args.images)), local=det.needs_local,
-                             batch_size=args.batch_size, on_error=args.on_error, cache=not args.no_cache)
-    for path, err in feats.errors:
-        print(f"vlmood: skipped: {printable(err)}", file=sys.stderr)
-    scores = det.score_features(feats)
-    labels = det.classify_features(feats)
-    row = {path: i for i, path in enumerate(feats.ids)}
-    errors = dict(feats.errors)
+    return det.fit()
 
+
+def _extract(args: argparse.Namespace, encoder: Any, source: Any, local: bool) -> Any:
+    """Features of ``source`` with the CLI's batch size, workers, error rule and cache; skipped images listed."""
+    from .features import extract_features
+
+    feats = extract_features(encoder, source, local=local, batch_size=args.batch_size, num_workers=args.workers,
+                             on_error=args.on_error, cache=not args.no_cache)
+    for _, err in feats.errors:
+        print(f"vlmood: skipped: {printable(err)}", file=sys.stderr)
+    return feats
+
+
+def _check_not_manifest(images: Any, out: Path) -> None:
+    if isinstance(images, str) and Path(images).is_file() and os.path.realpath(images) == os.path.realpath(out):
+        raise _UsageError(f"--out {printable(str(out))} is the --images manifest itself; it would be overwritten")
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .data import as_source
+    from .encoders import load_encoder
+
+    # cheap checks first: arguments, then paths, then the model (a typo should not wait for a model to load)
+    _check_counts(args)
+    _require_nonempty(args, "--images", "--classes", "--templates", "--prompts", "--no", "--detector", "--model")
+    _check_columns(args, [args.images])
+    if args.detector is not None:
+        return _score_saved(args)
+    if args.model is None:
+        raise _UsageError("give --model SPEC (or --detector FILE, which records its model)")
+    plan = _detector_plan(args)
+    out = _check_output_file(args.out, "--out")
+    _check_not_manifest(args.images, out)
+    source = as_source(_source_arg(args, args.images))
+    encoder = load_encoder(plan["spec"], device=args.device, precision=args.precision)
+    det = _build_detector(args, plan, encoder)
+    return _write_scores(args, det, source, out, args.threshold, plan["label"])
+
+
+def _score_saved(args: argparse.Namespace) -> int:
+    """``vlmood score --detector FILE``: the saved detector, its model (or --model) and its calibrated threshold."""
+    from .data import as_source
+    from .detectors.persist import read_detector_meta
+    from .encoders import load_encoder, parse_spec
+
+    from . import load_detector
+
+    meta = read_detector_meta(args.detector)  # a bad file fails before any image or model is read
+    clash = [f for f in ("--classes", "--method", "--templates", "--prompts", "--no", "--seed") if _given(args, f)]
+    clash += ["--param"] if args.param else []
+    if clash:
+        raise _UsageError(f"--detector {printable(args.detector)} already holds the method, classes, text side and "
+                          f"hyper-parameters; drop {', '.join(clash)}")
+    recorded = meta.get("encoder") or {}
+    if meta.get("method") == "lvlm":
+        raise _UsageError(f"{printable(args.detector)} is a vision-language-model detector: score with it in Python "
+                          "(vlmood.load_detector(FILE).score(images)) or with `vlmood lvlm score`")
+    if args.model is None and not recorded.get("spec"):
+        raise _UsageError(f"{printable(args.detector)} records no encoder spec (a NegLabel JSON file of an earlier "
+                          "vlmood): give --model")
+    spec = parse_spec(args.model if args.model is not None else recorded["spec"])
+    out = _check_output_file(args.out, "--out")
+    _check_not_manifest(args.images, out)
+    source = as_source(_source_arg(args, args.images))
+    encoder = load_encoder(spec, device=args.device, precision=args.precision)
+    det = load_detector(args.detector, encoder)
+    if det.needs_local:
+        encoder.require_local()
+    thr = args.threshold if args.threshold is not None else det.threshold_
+    how = (f"threshold {thr:.6g} given" if args.threshold is not None else
+           f"threshold {thr:.6g} calibrated at {100 * det.tpr_:.4g}% TPR" if thr is not None and det.tpr_ else
+           f"threshold {thr:.6g} saved" if thr is not None else "no threshold: is_ood left empty")
+    return _write_scores(args, det, source, out, thr, f"{det.name} from {printable(args.detector)} ({how})")
+
+
+def _write_scores(args: argparse.Namespace, det: Any, source: Any, out: Path, thr: float | None, label: str) -> int:
+    """Score ``source`` with the fitted ``det``; one CSV row per image of the source, in its order."""
+    import numpy as np
+
+    from .data import PathSource
     from .text.cache import atomic_write_bytes
 
-    thr = args.threshold
+    feats = _extract(args, det.encoder, source, det.needs_local)
+    scores = det.score_features(feats)
+    labels = det.classify_features(feats)
+    row = {i: k for k, i in enumerate(feats.ids)}
+    errors = dict(feats.errors)
     flagged = None if thr is None else ~(scores >= thr)  # NaN scores are OOD, never ID
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "class", "score", "is_ood", "error"])
-    for item in items:
-        if item.path in errors:
-            w.writerow([printable(item.path), "", "", "", printable(errors[item.path])])
+    w.writerow(["path" if isinstance(source, PathSource) else "id", "class", "score", "is_ood", "error"])
+    for i in source.ids:
+        if i in errors or i not in row:  # not in row: features that were not finite are scored NaN, never dropped
+            w.writerow([printable(i), "", "", "", printable(errors.get(i, "not scored"))])
             continue
-        k = row[item.path]
+        k = row[i]
         is_ood = "" if flagged is None else int(flagged[k])
-        w.writerow([printable(item.path), det.classes[labels[k]], f"{scores[k]:.8g}", is_ood, ""])
+        w.writerow([printable(i), det.classes[labels[k]], f"{scores[k]:.8g}", is_ood, ""])
     atomic_write_bytes(out, buf.getvalue().encode("utf-8"))
     n_ood = "" if flagged is None else f", {int(np.sum(flagged))} flagged OOD"
-    label = args.method if learned is None else _learned_label(args.method, learned)
     print(f"scored {len(feats)} image(s) with {label}{n_ood}; skipped {len(errors)}; wrote {printable(str(out))}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import as_source
+    from .encoders import load_encoder
+
+    _check_counts(args)
+    _require_nonempty(args, "--id", "--classes", "--templates", "--prompts", "--no")
+    _check_columns(args, [args.id])
+    if not 0.0 < args.tpr <= 1.0:
+        raise _UsageError(f"--tpr must be in (0, 1], got {args.tpr}")
+    plan = _detector_plan(args)
+    out = _check_output_file(args.out, "--out")
+    source = as_source(_source_arg(args, args.id))
+    encoder = load_encoder(plan["spec"], device=args.device, precision=args.precision)
+    det = _build_detector(args, plan, encoder)
+    feats = _extract(args, encoder, source, det.needs_local)
+    scores = det.score_features(feats)
+    finite = np.isfinite(scores)
+    if not finite.any():
+        raise _UsageError(f"none of the {len(scores)} ID image(s) got a finite score; nothing to calibrate on")
+    thr = det.calibrate(scores[finite], args.tpr)
+    n, kept = len(scores), int(np.sum(scores >= thr))
+    print(f"calibrated {plan['label']} on {n} ID image(s) of {printable(source.name)}: threshold {thr:.6g} keeps "
+          f"{kept}/{n} ({100 * kept / n:.2f}%; target {100 * args.tpr:.4g}%)"
+          + (f"; {n - int(finite.sum())} image(s) with non-finite features left out" if not finite.all() else ""))
+    spread = 2 * math.sqrt(args.tpr * (1 - args.tpr) / n)
+    print(f"on new ID images like these, expect a TPR of about {100 * args.tpr:.4g}% +/- {100 * spread:.2g} points "
+          f"(binomial 2 sigma for {n} calibration images)")
+    if feats.labels is not None:
+        from .data import map_labels
+
+        try:
+            truth = map_labels(feats.labels, det.classes)
+        except InvalidInputError as e:  # e.g. subfolders that are not the class names: no accuracy, no wrong one
+            print(f"ID accuracy: n/a ({printable(str(e))})")
+        else:
+            print(f"ID accuracy on these images: {100 * float(np.mean(det.classify_features(feats) == truth)):.2f}%")
+    det.save(out)
+    print(f"wrote {printable(str(out))} (use: vlmood score --detector {shlex.quote(str(out))} --images ... --out "
+          "scores.csv)")
     return 0
 
 
@@ -784,7 +979,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _check_counts(args)
     methods = _parse_methods(args.methods)
     params = _method_params(args.param, methods, args.seed, scoped=True)
-    _require_nonempty(args, "--suite", "--root", "--classes", "--id", "--templates", "--prompts", "--no")
+    _require_nonempty(args, "--suite", "--root", "--classes", "--id", "--templates", "--prompts", "--no",
+                      "--save-detectors")
     spec = parse_spec(args.model)
     clipn = _clipn_methods(methods)
     _check_no(args, spec, clipn, f"--methods {args.methods}")
@@ -806,6 +1002,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                               "(or drop --suite to give your own)")
         if args.root is None:
             raise _UsageError("--suite needs --root DIR (the folder holding the suite's data)")
+        _check_columns(args, [])
         _check_output_dir(args.report, "--report")
         bench = load_suite(args.suite, args.root, on_error=args.on_error,
                            **({"templates": args.templates} if args.templates is not None else {}))
@@ -817,12 +1014,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if missing:
             raise _UsageError(f"give {', '.join(missing)} (or --suite with --root)")
         ood = _parse_ood(args.ood)
+        _check_columns(args, [args.id, *(src for g in ood.values() for src in g.values())])
         _check_output_dir(args.report, "--report")
-        bench = Benchmark(id=args.id, ood=ood, classes=classes, templates=args.templates,
+        bench = Benchmark(id=_source_arg(args, args.id), classes=classes, templates=args.templates,
+                          ood={g: {n: _source_arg(args, src) for n, src in sets.items()} for g, sets in ood.items()},
                           name=f"{spec}", on_error=args.on_error)
     if learned is not None:
         learned.check_classes(bench.classes)
     _check_not_inside(args.report, [bench.id, *(src for g in bench.ood.values() for src in g.values())])
+    if args.save_detectors is not None:
+        _check_output_dir(args.save_detectors, "--save-detectors")
     bench.open_sources()  # every folder, glob and manifest is scanned before the model loads
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
     no = _load_no(args, encoder)
@@ -831,12 +1032,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if learned is not None:
         detectors.update({_learned_label(m, learned): {"method": m, "prompts": learned, **params[m]}
                           for m in methods if m not in clipn})
+    if args.save_detectors is not None:  # built here, so that the fitted objects can be saved after the run
+        detectors = bench.build_detectors(encoder, detectors)
     report = bench.run(encoder, detectors, cache=not args.no_cache, batch_size=args.batch_size,
                        num_workers=args.workers)
     paths = report.save(args.report)
     print(report.to_markdown())
     print(f"wrote {', '.join(printable(str(p)) for p in paths.values())}")
+    if args.save_detectors is not None:
+        _save_detectors(detectors, report, Path(args.save_detectors))
     return 0
+
+
+def _save_detectors(detectors: dict[str, Any], report: Any, folder: Path, tpr: float = 0.95) -> None:
+    """Each evaluated detector, calibrated at ``tpr`` on its finite ID scores of ``report``, as
+    ``folder/<label>.vlmood`` (labels made file-safe; two labels never share a file)."""
+    from .evaluation.report import _slug
+
+    folder.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for label, det in detectors.items():
+        stem, k = _slug(label), 1
+        while stem.lower() in used:
+            k += 1
+            stem = f"{_slug(label)}-{k}"
+        used.add(stem.lower())
+        det.calibrate(report.scores[label]["ID"], tpr)  # the report's threshold column, now on the detector
+        path = det.save(folder / f"{stem}.vlmood")
+        print(f"saved {printable(label)} (threshold {det.threshold_:.6g} at {100 * tpr:.4g}% TPR) to "
+              f"{printable(str(path))}")
 
 
 def _given(args: argparse.Namespace, flag: str) -> bool:
@@ -1048,7 +1272,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise _UsageError(f"--n must be at least 10, got {args.n}")
     _check_output_dir(args.report, "--report")
     encoder = load_encoder("toyworld", device=args.device)
-    report = toyworld.benchmark(args.n).run(encoder, toyworld.demo_detectors())
+    report = toyworld.demo(encoder, args.n)
     paths = report.save(args.report)
     print(report.to_markdown())
     print(f"wrote {', '.join(printable(str(p)) for p in paths.values())}")
@@ -1072,15 +1296,19 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
         raise _UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
     if args.ngroups < 1:
         raise _UsageError(f"--ngroups must be >= 1, got {args.ngroups}")
-    if args.seed is not None and out.suffix != ".json":
-        raise _UsageError("--seed sets the grouping a .json detector scores with; a .txt list of negatives has none")
+    if out.suffix.lower() == ".json":
+        raise _UsageError("--out: detectors are saved as .vlmood files now (one format for every detector: "
+                          "safetensors + JSON metadata); use --out FILE.vlmood, or FILE.txt for the word list")
+    detector = out.suffix.lower() != ".txt"
+    if args.seed is not None and not detector:
+        raise _UsageError("--seed sets the grouping a saved detector scores with; a .txt list of negatives has none")
     lexicons.load(args.lexicon)  # a bad lexicon fails before the model loads
     encoder = load_encoder(spec, device=args.device, precision=args.precision)
     det = NegLabel(encoder, classes, lexicon=args.lexicon, pool=args.pool, percentile=args.percentile,
-                   ratio=args.ratio, ngroups=args.ngroups if out.suffix == ".json" else 1,
+                   ratio=args.ratio, ngroups=args.ngroups if detector else 1,
                    **({} if args.seed is None else {"seed": args.seed})).fit()
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".json":
+    if detector:
         det.save(out)
     else:
         from .text.cache import atomic_write_bytes
@@ -1095,6 +1323,54 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
     print(f"mined {len(det.negatives_)} negatives ({', '.join(f'{k}: {v}' for k, v in counts.items())}); "
           f"wrote {printable(str(out))}")
     return 0
+
+
+def _short(text: Any, width: int = 48) -> str:
+    """One printable line of at most ``width`` characters (a preprocessing repr spans several lines)."""
+    line = " ".join(printable(str(text or "")).split())
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    """``vlmood cache info`` / ``vlmood cache clear [--encoder FP] [--older-than DAYS]``."""
+    import datetime
+
+    from ._paths import cache_root
+    from .text.cache import cache_info, clear_cache
+
+    root = printable(str(cache_root()))
+    if args.cache_command == "info":
+        rows = cache_info()
+        if not rows:
+            print(f"the cache in {root} is empty")
+            return 0
+        print(f"cache: {root}")
+        w = csv.writer(sys.stdout, delimiter="\t", lineterminator="\n")
+        w.writerow(["kind", "encoder", "spec", "precision", "detail", "entries", "size", "last written"])
+        for r in rows:
+            when = "" if r["modified"] is None else datetime.datetime.fromtimestamp(r["modified"]).strftime(
+                "%Y-%m-%d %H:%M")
+            w.writerow([r["kind"], printable(str(r["fingerprint"])), printable(str(r["spec"] or "")),
+                        r["precision"] or "", _short(r.get("detail")), r["entries"],
+                        _size(r["bytes"]), when])
+        print(f"total: {len(rows)} folder(s), {sum(r['entries'] for r in rows)} entries, "
+              f"{_size(sum(r['bytes'] for r in rows))}")
+        return 0
+    if args.older_than is not None and args.older_than < 0:
+        raise _UsageError(f"--older-than must be a number of days >= 0, got {args.older_than}")
+    done = clear_cache(encoder=args.encoder, older_than_days=args.older_than)
+    for e in done["errors"]:
+        print(f"vlmood cache: could not remove {printable(str(e))}", file=sys.stderr)
+    print(f"removed {len(done['removed'])} folder(s), {done['entries']} entries, {_size(done['bytes'])} from {root}")
+    return 1 if done["errors"] else 0
 
 
 def _cmd_embed_texts(args: argparse.Namespace) -> int:
@@ -1170,7 +1446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad argument (2, already printed as one line): a status, not an exit
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
-    commands = {"score": _cmd_score, "eval": _cmd_eval, "train": _cmd_train, "demo": _cmd_demo,
+    commands = {"score": _cmd_score, "calibrate": _cmd_calibrate, "cache": _cmd_cache, "eval": _cmd_eval,
+                "train": _cmd_train, "demo": _cmd_demo,
                 "mine-negatives": _cmd_mine_negatives, "embed-texts": _cmd_embed_texts, "lvlm": _cmd_lvlm}
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -11,14 +10,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
-
 from ._io import printable
+from ._progress import progress as _progress
 from .data import ImageSource, as_source
 from . import _signals
 from ._signals import _signals_unwind, _Signalled
 from .errors import ImageLoadError, InvalidInputError, WorkerKilledError
-from .text.cache import EmbeddingCache
+from .text.cache import EmbeddingCache, encoder_record
 from .text.embed import CacheArg
 
 if TYPE_CHECKING:
@@ -145,7 +143,8 @@ def extract_features(
         num_workers: DataLoader decoding workers (default ``min(4, cpus - 1)``).
         on_error: ``"raise"`` stops at the first unreadable image (or image whose features are NaN/Inf, which
             are never returned or cached); ``"skip"`` records it in ``errors``.
-        progress: progress bar with ETA (``None``: on a terminal).
+        progress: progress with an ETA (:mod:`vlmood._progress`: a bar on a terminal, plain lines elsewhere;
+            ``None``: shown only when the encoding runs long, ``False``: never).
 
     Raises:
         ImageLoadError: an unreadable image or non-finite features, with ``on_error="raise"``.
@@ -229,20 +228,24 @@ def _encode_missing(encoder: "Encoder", src: ImageSource, missing: list[int], ke
         nonlocal pending_bytes, last_flush, writable
         if writable and pending:
             rows = torch.cat(pending)
-            ok = store.put(ns, pending_keys, rows) is not None
+            record = encoder_record(encoder)
+            ok = store.put(ns, pending_keys, rows, record) is not None
             if ok and local:  # a later global-only run (MCM, Energy, ...) reuses these too
-                ok = store.put(feature_namespace(encoder, False), pending_keys, rows[:, :d]) is not None
+                ok = store.put(feature_namespace(encoder, False), pending_keys, rows[:, :d], record) is not None
             writable = ok
         pending_keys.clear()
         pending.clear()
         pending_bytes = 0
         last_flush = time.monotonic()
 
-    disable = (not progress) if progress is not None else None
+    start = f"encoding {len(missing):,} images of {printable(src.name)} with {encoder.spec}"
+    if len(missing) < len(src):
+        start += f" ({len(src) - len(missing):,} already cached)"
+    if store is not None:
+        start += " — first time only, cached afterwards"
     it = iter(loader)  # held, so that its workers are shut down before the flush (see finally)
     try:
-        with tqdm(total=len(missing), desc=f"encoding {src.name}", unit="img", disable=disable, leave=False,
-                  file=sys.stderr) as bar:
+        with _progress(len(missing), f"encoding {printable(src.name)}", "images", progress, start=start) as bar:
             for idx, batch, bad in it:
                 received += 1
                 for i, msg in bad:

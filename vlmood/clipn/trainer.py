@@ -43,9 +43,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from .._io import printable
+from .._progress import progress as _progress
 from ..data import ImageSource
 from ..errors import InvalidInputError
 from ..losses import clipn_loss
@@ -184,7 +183,7 @@ class CLIPNTrainer:
                 ``clipn.safetensors`` (the result). None keeps nothing on disk but the feature caches.
             resume: continue the run in ``out`` from its checkpoint (same arguments required); the result equals an
                 uninterrupted run's.
-            progress: progress bars (None: on a terminal).
+            progress: progress with an ETA (:mod:`vlmood._progress`; None: shown only for long runs, False: never).
             on_error: unreadable images: ``"skip"`` their pairs (counted in the log and ``skipped_``) or ``"error"``.
             caption_column, image_column, split: for datasets and manifests.
 
@@ -268,11 +267,14 @@ class CLIPNTrainer:
         loop = _Loop(model=model, opt=opt, scaler=scaler, data=data, batch_size=batch_size, world=world, rank=rank,
                      steps_per_epoch=steps_per_epoch, total=total, epochs=epochs, log=log, log_file=log_file,
                      run=run, signature=signature, elapsed0=elapsed0, checkpoint_seconds=checkpoint_seconds,
-                     disable=(not progress) if (progress is not None and rank == 0) else (None if rank == 0 else True))
+                     bar=_progress(total - start, "clipn training", "steps", progress if rank == 0 else False,
+                                   start=f"training clipn on {n} pairs with {enc.spec}: steps {start + 1}-{total} "
+                                         f"({epochs} epochs of {steps_per_epoch} steps)"))
         try:
             step = start
-            for epoch in range(start // steps_per_epoch, epochs):
-                step = self._epoch(loop, epoch, step)
+            with loop.bar:
+                for epoch in range(start // steps_per_epoch, epochs):
+                    step = self._epoch(loop, epoch, step)
         finally:
             if log_file is not None:
                 log_file.close()
@@ -299,9 +301,7 @@ class CLIPNTrainer:
         params = [p for p in model.no.parameters()]
         first = step - epoch * spe
         t_epoch = time.perf_counter()
-        bar = tqdm(range(first, spe), desc=f"clipn epoch {epoch + 1}/{loop.epochs}", unit="step",
-                   disable=loop.disable, leave=False, initial=first, total=spe)
-        for s in bar:
+        for s in range(first, spe):
             rows = order[s * g : (s + 1) * g]
             mine = rows[loop.rank * b : (loop.rank + 1) * b]
             lr = lr_at(step, self.lr, loop.total, self.warmup_steps)
@@ -341,10 +341,10 @@ class CLIPNTrainer:
             step += 1
             self._log(loop.log, loop.log_file, {"epoch": epoch + 1, "step": step, **vals, "lr": lr,
                                                 "elapsed": loop.elapsed()})
-            bar.set_postfix(loss=f"{vals['loss']:.4f}")
+            loop.bar.set_postfix(epoch=f"{epoch + 1}/{loop.epochs}", loss=f"{vals['loss']:.4f}")
+            loop.bar.update(1)
             if loop.run is not None and time.monotonic() - loop.last_save >= loop.checkpoint_seconds and s + 1 < spe:
                 self._save(loop, step)
-        bar.close()
         recs = [r for r in loop.log if r.get("epoch") == epoch + 1 and not r.get("summary") and "loss" in r]
         means = {k: sum(r[k] for r in recs) / len(recs) for k in ("loss", "bin_yes", "bin_no", "tso")} if recs else {}
         summary = {"epoch": epoch + 1, "summary": True, **means, "steps": spe,
@@ -596,7 +596,7 @@ class _Loop:
     signature: dict[str, Any]
     elapsed0: float
     checkpoint_seconds: float
-    disable: bool | None
+    bar: Any  # a vlmood._progress.progress over the run's remaining steps (silent on ranks other than 0)
     t0: float = field(default_factory=time.perf_counter)
     last_save: float = field(default_factory=time.monotonic)
 

@@ -11,6 +11,7 @@ from .clipn import CLIPN, CLIPNATD
 from .glmcm import GLMCM
 from .mcm import MCM, Energy, MaxLogit
 from .neglabel import CSP, NegLabel
+from .persist import load_detector, read_detector_meta
 
 DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (MCM, GLMCM, Energy, MaxLogit, NegLabel, CSP, CLIPN,
                                                                    CLIPNATD)}
@@ -42,4 +43,4 @@ def make_detector(name: str, encoder: Encoder, classes: str | Sequence[str] | No
 
 
 __all__ = ["CLIPN", "CLIPNATD", "CSP", "DETECTORS", "canonical_method", "Detector", "Energy", "GLMCM", "MCM", "MaxLogit", "NegLabel", "Prediction",
-           "make_detector"]
+           "load_detector", "make_detector", "read_detector_meta"]

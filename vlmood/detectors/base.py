@@ -144,8 +144,9 @@ class Detector:
             ``prompts.text_features(encoder)`` instead of the template ensemble. A file made with another encoder
             warns; one whose context does not fit the encoder is refused.
 
-    Attributes: ``prompts`` (the :class:`~vlmood.tuning.LearnedPrompts` or None) and ``prompts_file`` (the absolute
-    path they were read from, or None).
+    Attributes: ``prompts`` (the :class:`~vlmood.tuning.LearnedPrompts` or None), ``prompts_file`` (the absolute
+    path they were read from, or None), ``threshold_`` and ``tpr_`` (set by :meth:`calibrate`, None before; both
+    kept by :meth:`save` / :func:`vlmood.load_detector`).
 
     ``fit()`` prepares the class text embeddings (zero-shot detectors learn nothing from images);
     ``score*`` return ``[N]`` arrays, higher = more in-distribution. Images may be given as anything
@@ -155,6 +156,8 @@ class Detector:
 
     name = "detector"
     needs_local = False
+    param_names: tuple[str, ...] = ()
+    """The hyper-parameters of ``__init__`` that :meth:`get_params` returns and detector files record."""
 
     def __init__(self, encoder: Encoder, classes: str | Sequence[str] | None = None,
                  templates: str | Sequence[str] | None = None, *, cache: CacheArg = True, prompts: PromptsArg = None):
@@ -174,6 +177,7 @@ class Detector:
             self.templates = load_templates(templates)
         self.cache = cache
         self.threshold_: float | None = None
+        self.tpr_: float | None = None
         self._text: torch.Tensor | None = None
 
     def _text_side(self) -> str:
@@ -194,6 +198,18 @@ class Detector:
         with warnings.catch_warnings():  # the other-encoder warning was given once, when the detector was built
             warnings.filterwarnings("ignore", message="learned prompts were trained with")
             return self.prompts.text_features(self.encoder).float()
+
+    def get_params(self) -> dict[str, Any]:
+        """The method's hyper-parameters as ``__init__`` takes them (:attr:`param_names`), JSON values."""
+        return {k: getattr(self, k) for k in self.param_names}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Fit, then write the detector (settings, class list, text side, calibration, encoder record) as one
+        ``vlmood.detector`` file (suffix ``.vlmood`` recommended); read it back with :func:`vlmood.load_detector`.
+        See :mod:`vlmood.detectors.persist` for the format. Returns the path written."""
+        from .persist import save_detector
+
+        return save_detector(self, path)
 
     # ------------------------------------------------------------------ text side
     def fit(self, *_: Any) -> "Detector":
@@ -308,7 +324,8 @@ class Detector:
 
     # ------------------------------------------------------------------ decisions
     def calibrate(self, id_scores_or_images: Any, tpr: float = 0.95) -> float:
-        """Set ``threshold_`` to the highest value that keeps a ``tpr`` fraction of ID inputs; returns it.
+        """Set ``threshold_`` to the highest value that keeps a ``tpr`` fraction of ID inputs (and ``tpr_`` to
+        ``tpr``); returns it.
 
         Accepts ID scores (1-D: an array, tensor or list of numbers) or ID images (anything :meth:`score`
         accepts, including ``Features``). Other arrays (features ``[N, D]``, scores ``[N, 1]``) and NaN scores
@@ -328,6 +345,7 @@ class Detector:
                 f"calibrate expects 1-D ID scores [N] or ID images (paths, a folder, PIL images, a [N, 3, H, W] "
                 f"batch, Features); got an array of shape {arr.shape}{hint}")
         self.threshold_ = threshold_at_tpr(scores, tpr)
+        self.tpr_ = float(tpr)
         return self.threshold_
 
     def predict_features(self, image_features: Any, local_features: Any = None,

@@ -96,6 +96,7 @@ class CLIPN(Detector):
     """
 
     name = "clipn"
+    param_names = ("score", "logit_scale")
 
     def __init__(self, encoder_or_model: Any, classes: str | Sequence[str] | None = None,
                  templates: str | Sequence[str] | None = None, *, score: str = "ctw", no: Any = None,
@@ -128,6 +129,9 @@ class CLIPN(Detector):
     def __repr__(self) -> str:
         return f"CLIPN({len(self.classes)} classes, {self.score_rule}, {len(self.templates)} templates, " \
                f"{self.encoder.spec})"
+
+    def get_params(self) -> dict[str, Any]:
+        return {"score": self.score_rule, "logit_scale": self.logit_scale}
 
     @property
     def scale(self) -> float:

@@ -23,6 +23,7 @@ class GLMCM(Detector):
     """
 
     name = "glmcm"
+    param_names = ("temperature", "lam")
     needs_local = True
 
     def __init__(self, encoder: Encoder, classes: str | Sequence[str] | None = None,
@@ -32,7 +33,7 @@ class GLMCM(Detector):
         self.temperature = scores.check_positive(temperature, "temperature")
         if not math.isfinite(lam):
             raise InvalidInputError(f"lam must be a finite number, got {lam!r}")
-        self.lam = lam
+        self.lam = float(lam)
 
     def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:
         loc = _as_float_tensor(local_features)

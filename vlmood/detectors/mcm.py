@@ -37,6 +37,7 @@ class MCM(Detector):
     """
 
     name = "mcm"
+    param_names = ("temperature",)
 
     def __init__(self, encoder: Encoder, classes: str | Sequence[str] | None = None,
                  templates: str | Sequence[str] | None = None, temperature: float = 1.0, **kw: Any):
@@ -60,6 +61,7 @@ class MaxLogit(Detector):
     """
 
     name = "maxlogit"
+    param_names = ("logit_scale",)
 
     def __init__(self, encoder: Encoder, classes: str | Sequence[str] | None = None,
                  templates: str | Sequence[str] | None = None, logit_scale: float | None = None, **kw: Any):
@@ -82,6 +84,7 @@ class Energy(Detector):
     """
 
     name = "energy"
+    param_names = ("logit_scale", "temperature")
 
     def __init__(self, encoder: Encoder, classes: str | Sequence[str] | None = None,
                  templates: str | Sequence[str] | None = None, logit_scale: float | None = None,

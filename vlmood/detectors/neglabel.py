@@ -29,11 +29,13 @@ _DEFAULTS = {
                  "push_above": None},
     "csp": {"templates": "csp_noun", "neg_templates": {"noun": "csp_noun", "adj": "csp_adj"}, "push_above": 0.95},
 }
-# Saved detector files (NegLabel.save): {"format": FORMAT, "version": VERSION, "method", "pool", "encoder",
-# "classes", "templates", "neg_templates", "lexicon", "params": {PARAMS}, "negatives": [{"label", "pos"}]}, and for a
-# detector with learned prompts "prompts": {"file": absolute path or null, "sha256": prompts_digest(...)} with
-# "templates": [] (the context itself stays in its own file). Files from before the format had a name and a version
-# (no "format" field) still load, with the same checks.
+# NegLabel JSON files of earlier vlmood versions (NegLabel.save now writes the detector file format of
+# vlmood.detectors.persist; NegLabel.load and vlmood.load_detector still read these): {"format": FORMAT,
+# "version": VERSION, "method", "pool", "encoder", "classes", "templates", "neg_templates", "lexicon",
+# "params": {PARAMS}, "negatives": [{"label", "pos"}]}, and for a detector with learned prompts
+# "prompts": {"file": absolute path or null, "sha256": prompts_digest(...)} with "templates": [] (the context itself
+# stayed in its own file). Files from before the format had a name and a version (no "format" field) still load,
+# with the same checks.
 FORMAT, VERSION = "vlmood.neglabel", 1
 PARAMS = ("percentile", "ratio", "temperature", "ngroups", "seed")
 _FIELDS = {"format", "version", "method", "pool", "encoder", "classes", "templates", "neg_templates", "lexicon",
@@ -54,6 +56,18 @@ def _param_problem(name: str, value: Any) -> str | None:
     }
     ok, want = rules[name]
     return None if ok else f"{name} must {want}, got {value!r}"
+
+
+def check_param_set(params: Any, names: Sequence[str], problem: Any, bad: Any) -> None:
+    """A saved file's ``params``: an object with exactly ``names``, each valid by ``problem(name, value)`` (None or
+    why not); else raises ``bad(field, why)`` (the caller's one-line error naming its file)."""
+    if not isinstance(params, dict) or set(params) != set(names):
+        keys = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise bad("params", f"expected an object with exactly {', '.join(names)}, got {keys}")
+    for key in names:
+        why = problem(key, params[key])
+        if why:
+            raise bad(f"params.{key}", why)
 
 
 def prompts_digest(prompts: Any) -> str:
@@ -102,6 +116,7 @@ class NegLabel(Detector):
 
     name = "neglabel"
     pool_name = "neglabel"
+    param_names = PARAMS + ("pool", "lexicon")
 
     def __init__(self, encoder: Encoder, classes: str | Sequence[str] | None = None,
                  templates: str | Sequence[str] | None = None,
@@ -213,58 +228,40 @@ class NegLabel(Detector):
         return nan_where_not_finite(np.concatenate(chunks) if chunks else np.empty(0), f)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the mined negatives and settings as JSON (format ``vlmood.neglabel``, version 1; see the
-        comment at :data:`FORMAT`); :meth:`load` restores the detector without mining.
+    def get_params(self) -> dict[str, Any]:
+        return {**super().get_params(), "lexicon": _lexicon_spec(self.lexicon)}
 
-        With learned prompts, the file records where they were read from (``prompts=PATH``) and their SHA-256 (see
-        :func:`prompts_digest`), not the context itself: :meth:`load` reads them from that path (or from its
-        ``prompts=`` argument, e.g. after the file moved) and refuses prompts with another digest.
-        """
-        self.fit()
-        negatives = self.negatives_ or []
-        neg_templates = {**self.neg_templates, **{p: self._templates_for(p) for _, p in negatives}}
-        data = {
-            "format": FORMAT, "version": VERSION,
-            "method": self.name, "pool": self.pool, "encoder": self.encoder.fingerprint, "classes": self.classes,
-            "templates": self.templates, "neg_templates": neg_templates, "lexicon": _lexicon_spec(self.lexicon),
-            "params": {"percentile": self.percentile, "ratio": self.ratio, "temperature": self.temperature,
-                       "ngroups": self.ngroups, "seed": self.seed},
-            "negatives": [{"label": w, "pos": p} for w, p in negatives],
-        }
-        if self.prompts is not None:
-            data["prompts"] = {"file": None if self.prompts_file is None else str(self.prompts_file),
-                               "sha256": prompts_digest(self.prompts)}
-        from ..text.cache import atomic_write_bytes
-
-        atomic_write_bytes(Path(path), json.dumps(data, indent=1, allow_nan=False).encode())
+    def saved_neg_templates(self) -> dict[str, list[str]]:
+        """The negative templates a detector file records: every part of speech of the negatives has its own."""
+        return {**self.neg_templates, **{p: self._templates_for(p) for _, p in self.negatives_ or []}}
 
     @classmethod
     def load(cls, path: str | os.PathLike, encoder: Encoder, **overrides: Any) -> "NegLabel":
-        """A detector from :meth:`save`'s file: the stored negatives are embedded (cache), never re-mined.
+        """A detector from a detector file (:meth:`~vlmood.detectors.base.Detector.save`, see
+        :mod:`vlmood.detectors.persist`) or from a NegLabel JSON file of earlier vlmood versions (format
+        ``vlmood.neglabel``, or without a format); the stored negatives are used, never re-mined.
 
         The file decides the class: ``NegLabel.load`` of a CSP file returns a :class:`CSP` detector, while
-        ``CSP.load`` refuses a NegLabel file. Every field is checked (also in files written before the format
+        ``CSP.load`` refuses a NegLabel file. Every field is checked (also in JSON files written before the format
         had a version): a file of another kind, a missing or unknown field, an invalid setting (``ngroups`` 0,
         ``ratio`` 2, NaN), a negative whose part of speech has no templates, fewer negatives than ``ngroups`` or
         an empty class list gives one :class:`InvalidInputError` naming the file and the field. ``overrides``
         replace stored settings (``temperature=...``) and are checked the same way.
 
-        A detector saved with learned prompts reads them from the recorded file, or from ``prompts=`` (a path or
+        A JSON file saved with learned prompts reads them from the recorded file, or from ``prompts=`` (a path or
         :class:`~vlmood.tuning.LearnedPrompts`), and refuses prompts other than those the negatives were mined
         with. ``prompts=`` given for a file saved without learned prompts scores its stored negatives against the
         learned ID embeddings (the file's ID templates are then dropped).
         """
+        from .persist import is_detector_file, load_detector
+
         p = Path(path)
         name = printable(str(p))
         if not p.exists():
             raise InvalidInputError(f"NegLabel file not found: {name}")
-        text = read_text(p, "NegLabel/CSP detector file")  # BOM dropped; non-UTF-8 -> one-line error
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise InvalidInputError(f"{name} is not a saved NegLabel/CSP detector: invalid JSON ({e})") from None
-        target, classes, kw, negatives, saved_prompts = _parse_saved(data, name)
+        if is_detector_file(p):
+            return load_detector(p, encoder, _want=cls, _overrides=overrides)
+        data, (target, classes, kw, negatives, saved_prompts) = read_legacy(p)
         if not issubclass(target, cls):
             raise InvalidInputError(f"{name} holds a saved {target.__name__} detector, not {cls.__name__}; "
                                     f"load it with vlmood.{target.__name__}.load")
@@ -284,6 +281,17 @@ class NegLabel(Detector):
             raise InvalidInputError(f"{name} holds {len(negatives)} negatives, fewer than ngroups={det.ngroups}")
         det.negatives_ = negatives
         return det
+
+
+def read_legacy(p: Path) -> tuple[dict[str, Any], tuple]:
+    """``(the JSON, _parse_saved's result)`` of a NegLabel JSON file written by earlier vlmood versions."""
+    name = printable(str(p))
+    text = read_text(p, "NegLabel/CSP detector file")  # BOM dropped; non-UTF-8 -> one-line error
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise InvalidInputError(f"{name} is not a saved NegLabel/CSP detector: invalid JSON ({e})") from None
+    return data, _parse_saved(data, name)
 
 
 def _saved_prompts(saved: dict[str, Any], given: Any, name: str) -> tuple[Any, Path | None]:
@@ -315,6 +323,42 @@ def _saved_prompts(saved: dict[str, Any], given: Any, name: str) -> tuple[Any, P
     return prompts, file
 
 
+def check_negatives(neg_t: Any, raw: Any, ngroups: int, name: str, any_pos: bool = False
+                    ) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    """Validate a saved detector's ``neg_templates`` (template lists per part of speech, with ``"noun"``) and
+    ``negatives`` (``[{"label", "pos"}]``: non-empty labels, no repeats, at least ``ngroups``, each part of speech
+    with its templates unless ``any_pos``); ``(neg_templates, [(label, pos)])``. Errors name ``name`` and the
+    field."""
+    def bad(field: str, problem: str) -> InvalidInputError:
+        return InvalidInputError(f"{name}: invalid field {field!r}: {problem}")
+
+    if not isinstance(neg_t, dict) or "noun" not in neg_t:
+        raise bad("neg_templates", "expected an object of template lists with a 'noun' entry")
+    neg_templates = {}
+    for pos, ts in neg_t.items():
+        if not isinstance(ts, list) or not all(isinstance(x, str) for x in ts):
+            raise bad(f"neg_templates.{pos}", f"expected a list of strings, got {type(ts).__name__}")
+        try:
+            neg_templates[pos] = load_templates(ts)
+        except InvalidInputError as e:
+            raise bad(f"neg_templates.{pos}", str(e)) from None
+    if not isinstance(raw, list) or not all(isinstance(n, dict) and set(n) == {"label", "pos"} for n in raw):
+        raise bad("negatives", 'expected a list of {"label": ..., "pos": ...} objects')
+    negatives = [(n["label"], n["pos"]) for n in raw]
+    for i, (label, pos) in enumerate(negatives):
+        if not isinstance(label, str) or not label.strip():
+            raise bad(f"negatives[{i}].label", f"expected a non-empty string, got {label!r}")
+        if not isinstance(pos, str) or (pos not in neg_templates and not any_pos):
+            raise bad(f"negatives[{i}].pos", f"{pos!r} has no templates in neg_templates "
+                                             f"({', '.join(neg_templates)})")
+    repeated = [f"{w} ({p})" for (w, p), k in Counter(negatives).items() if k > 1]
+    if repeated:
+        raise bad("negatives", f"repeated labels: {', '.join(repeated[:3])}")
+    if len(negatives) < ngroups:
+        raise bad("negatives", f"{len(negatives)} negatives, fewer than params.ngroups={ngroups}")
+    return neg_templates, negatives
+
+
 def _parse_saved(data: Any, name: str) -> tuple[type[NegLabel], list[str], dict[str, Any], list[tuple[str, str]],
                                                 dict[str, Any] | None]:
     """Validate a saved detector's JSON: (class, classes, keyword settings, negatives, recorded learned prompts or
@@ -329,13 +373,13 @@ def _parse_saved(data: Any, name: str) -> tuple[type[NegLabel], list[str], dict[
 
     if not isinstance(data, dict):
         raise InvalidInputError(f"{name} is not a saved NegLabel/CSP detector: it holds a JSON "
-                                f"{type(data).__name__}, not the object NegLabel.save writes")
+                                f"{type(data).__name__}, not a detector object")
     if "format" in data and data["format"] != FORMAT:
         raise InvalidInputError(f"{name} is not a saved NegLabel/CSP detector: its format is "
                                 f"{data['format']!r}, not {FORMAT!r}")
     if "format" not in data and "negatives" not in data:
         raise InvalidInputError(f"{name} is not a saved NegLabel/CSP detector (no 'format' or 'negatives' field); "
-                                "write one with NegLabel.save or `vlmood mine-negatives --out FILE.json`")
+                                "detector files are written by det.save(FILE.vlmood) and read by vlmood.load_detector")
     version = data.get("version", 0 if "format" not in data else None)
     if not isinstance(version, int) or isinstance(version, bool) or version < (1 if "format" in data else 0):
         raise bad("version", f"expected a positive integer, got {version!r}")
@@ -369,42 +413,14 @@ def _parse_saved(data: Any, name: str) -> tuple[type[NegLabel], list[str], dict[
         templates = load_templates(str_list("templates", data["templates"])) if saved_prompts is None else []
     except InvalidInputError as e:
         raise bad("templates", str(e)) from None
-    neg_t = data["neg_templates"]
-    if not isinstance(neg_t, dict) or "noun" not in neg_t:
-        raise bad("neg_templates", "expected an object of template lists with a 'noun' entry")
-    neg_templates = {}
-    for pos, ts in neg_t.items():
-        try:
-            neg_templates[pos] = load_templates(str_list(f"neg_templates.{pos}", ts))
-        except InvalidInputError as e:
-            raise bad(f"neg_templates.{pos}", str(e)) from None
     lexicon = data.get("lexicon", "neglabel")
     if not isinstance(lexicon, str):
         lexicon = str_list("lexicon", lexicon)
     params = data["params"]
-    if not isinstance(params, dict) or set(params) != set(PARAMS):
-        keys = sorted(params) if isinstance(params, dict) else type(params).__name__
-        raise bad("params", f"expected an object with exactly {', '.join(PARAMS)}, got {keys}")
-    for key in PARAMS:
-        problem = _param_problem(key, params[key])
-        if problem:
-            raise bad(f"params.{key}", problem)
-    raw = data["negatives"]
-    if not isinstance(raw, list) or not all(isinstance(n, dict) and set(n) == {"label", "pos"} for n in raw):
-        raise bad("negatives", 'expected a list of {"label": ..., "pos": ...} objects')
-    negatives = [(n["label"], n["pos"]) for n in raw]
-    for i, (label, pos) in enumerate(negatives):
-        if not isinstance(label, str) or not label.strip():
-            raise bad(f"negatives[{i}].label", f"expected a non-empty string, got {label!r}")
-        # files written before version 1 fell back to the noun templates for a part of speech without its own
-        if not isinstance(pos, str) or (pos not in neg_templates and version >= 1):
-            raise bad(f"negatives[{i}].pos", f"{pos!r} has no templates in neg_templates "
-                                             f"({', '.join(neg_templates)})")
-    repeated = [f"{w} ({p})" for (w, p), k in Counter(negatives).items() if k > 1]
-    if repeated:
-        raise bad("negatives", f"repeated labels: {', '.join(repeated[:3])}")
-    if len(negatives) < params["ngroups"]:
-        raise bad("negatives", f"{len(negatives)} negatives, fewer than params.ngroups={params['ngroups']}")
+    check_param_set(params, PARAMS, _param_problem, bad)
+    # files written before version 1 fell back to the noun templates for a part of speech without its own
+    neg_templates, negatives = check_negatives(data["neg_templates"], data["negatives"], params["ngroups"], name,
+                                               any_pos=version < 1)
     kw = dict(templates=templates, lexicon=lexicon, neg_templates=neg_templates, pool=data["pool"], **params)
     return classes_by_method[data["method"]], classes, kw, negatives, saved_prompts
 

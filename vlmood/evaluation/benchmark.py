@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import inspect
 import json
+import os
 import sys
+from pathlib import Path
 import time
 import warnings
 from dataclasses import dataclass
@@ -107,6 +110,83 @@ def _hyper(det: Any) -> dict[str, Any]:
     return out
 
 
+DESCRIPTIONS = {
+    "MCM": "MCM (Ming et al., NeurIPS 2022): max softmax of image-class cosines / T",
+    "GLMCM": "GL-MCM (Miyai et al., 2023): MCM of the whole image plus lam × the best MCM over local patches",
+    "Energy": "Energy (Liu et al., NeurIPS 2020): T × logsumexp of the image-class logits / T",
+    "MaxLogit": "MaxLogit (Hendrycks et al., ICML 2022): the largest image-class logit",
+    "NegLabel": "NegLabel (Jiang et al., ICLR 2024): the ID classes' share of a softmax over ID and negative labels "
+                "mined from a lexicon",
+    "CSP": "CSP (Chen et al., NeurIPS 2024): NegLabel with negatives from a conjugated semantic pool "
+           "(nouns, adjective + superclass phrases)",
+    "CLIPN:ctw": "CLIPN-CTW (Wang et al., ICCV 2023): 'yes' probability of the best class against a trained 'no' "
+                 "text tower",
+    "CLIPN:atd": "CLIPN-ATD (Wang et al., ICCV 2023): 'yes' probabilities against a trained 'no' text tower, "
+                 "weighted by the class probabilities",
+    "LVLMDetector": "LVLM (after ReGuide, Kim et al., ICLR 2025): the highest ID-class confidence a "
+                    "vision-language model states",
+}
+"""The start of a detector's default description in a report, by class name (CLIPN: by its score rule)."""
+
+_NOT_SHOWN = {"encoder", "encoder_or_model", "client", "classes", "templates", "neg_templates", "cache", "prompts",
+              "negatives", "no", "score", "progress", "chunk_size"}
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The keyword defaults of ``cls.__init__`` and of its bases' (a subclass's own default wins)."""
+    out: dict[str, Any] = {}
+    for c in reversed(cls.__mro__):
+        init = c.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        out.update({p.name: p.default for p in params if p.default is not inspect.Parameter.empty})
+    return out
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return f"{len(v)} items"
+    if isinstance(v, str) and ("/" in v or os.sep in v):
+        return os.path.basename(v.rstrip("/" + os.sep)) or v
+    return str(v)
+
+
+def describe_detector(det: Any) -> str:
+    """One sentence saying what a detector's report row is: the method and its paper (:data:`DESCRIPTIONS`;
+    other classes: the first sentence of their docstring), then the hyper-parameters that differ from the
+    defaults and where learned prompts came from, e.g. ``"NegLabel (Jiang et al., ICLR 2024): ...; ratio=0.5,
+    ngroups=1."``"""
+    cls = type(det)
+    key = f"CLIPN:{det.score_rule}" if hasattr(det, "score_rule") else cls.__name__
+    base = DESCRIPTIONS.get(key)
+    if base is None:
+        doc = " ".join((cls.__doc__ or "").split())
+        base = doc.split(". ")[0].rstrip(".")[:120] or cls.__name__
+    params = []
+    for name, default in _defaults(cls).items():
+        if name in _NOT_SHOWN or name.startswith("_") or not hasattr(det, name):
+            continue
+        v = getattr(det, name)
+        if name == "pool" and v == getattr(cls, "pool_name", None):
+            continue
+        if _simple(v) and v != default:
+            params.append(f"{name}={_show(v)}")
+    parts = [base] + ([", ".join(params)] if params else [])
+    prompts = getattr(det, "prompts", None)
+    if prompts is not None and hasattr(prompts, "meta"):
+        method = prompts.meta.get("method")
+        what = f"learned {method} prompts" if method else "learned prompts"
+        file = getattr(det, "prompts_file", None)
+        parts.append(f"{what} from {file.name}" if file is not None else what)
+    return "; ".join(parts) + "."
+
+
 @dataclass
 class _Loaded:
     """A set's decoded images, their ids and labels (None: unlabelled set), and ``(id, error)`` of skipped ones."""
@@ -154,6 +234,12 @@ class Benchmark:
         self.id = as_source(self.id)
         self.ood = {g: {n: as_source(s) for n, s in sets.items()} for g, sets in self.ood.items()}
         return self
+
+    def build_detectors(self, encoder: Encoder | None, detectors: DetectorsArg) -> dict[str, Any]:
+        """``{report label: detector object}`` as :meth:`run` builds them from ``detectors`` (same forms), checked
+        against ``encoder`` and the benchmark's classes. Pass the result to :meth:`run` to keep the fitted objects
+        (e.g. to calibrate and save each one after the run)."""
+        return self._detectors(encoder, detectors)
 
     def _detectors(self, encoder: Encoder | None, detectors: DetectorsArg) -> dict[str, Detector]:
         if isinstance(detectors, str):
@@ -267,6 +353,8 @@ class Benchmark:
         from .. import __version__
 
         argv = [a for a in sys.argv if a]
+        if argv and Path(argv[0]).name == "ipykernel_launcher.py":  # its argv names a kernel, not the call
+            argv = ["Benchmark.run in a Jupyter kernel"]
         enc = None
         if encoder is not None:
             enc = {"spec": str(encoder.spec), "fingerprint": encoder.fingerprint,
@@ -312,6 +400,9 @@ class Benchmark:
         None). Their excluded images (NaN scores: invalid responses under ``invalid="exclude"``/``"retry"``) are
         left out of their metrics; each row says how many (``n_id_excluded``, ``n_ood_excluded``) and
         ``Report.invalid`` holds the invalid-response counts, rates and statuses per set.
+
+        The report's ``descriptions`` say what each row is (:func:`describe_detector`; replace them freely) and its
+        ``thresholds`` give each method's score at 95% TPR on the ID set.
         """
         t0 = time.perf_counter()
         dets = self._detectors(encoder, detectors)
@@ -378,7 +469,8 @@ class Benchmark:
                         counts=counts, groups={g: list(s) for g, s in self.ood.items()},
                         seconds=time.perf_counter() - t0, notes=notes, invalid=invalid,
                         ids={n: [k[0] for k in keys[n]] for n in set_names}, labels=labels, all_scores=all_scores,
-                        predictions=predictions)
+                        predictions=predictions,
+                        descriptions={label: describe_detector(det) for label, det in dets.items()})
         report.provenance = self._provenance(encoder, dets, skipped, report.seconds)
         if progress is not False:
             print(report.summary(), file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Benchmark results: a tidy table, exported as Markdown, CSV and JSON, with score histograms and ROC curves."""
+"""Benchmark results: a tidy table, exported as Markdown, CSV and JSON, with figures (:mod:`.plots`)."""
 from __future__ import annotations
 
 import csv
@@ -7,12 +7,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from .._io import printable
-from ..text.cache import atomic_write_bytes
+from .._io import atomic_write_bytes, printable, read_text
+
+if TYPE_CHECKING:
+    from .plots import Figures
+
+TPR = 0.95
+"""The ID true-positive rate of ``Report.thresholds`` (and of FPR95)."""
 
 METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out", "autc")
 _HEAD = {"fpr95": "FPR95 ↓", "auroc": "AUROC ↑", "aupr_in": "AUPR-In ↑", "aupr_out": "AUPR-Out ↑", "autc": "AUTC ↓"}
@@ -73,7 +78,28 @@ def _num(x: str) -> float:
     return float(x) if x != "" else float("nan")
 
 
-@dataclass
+def thresholds_of(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, float | None]:
+    """Per method, the score threshold that keeps 95% of ID images (:data:`TPR`):
+    ``vlmood.metrics.threshold_at_tpr`` of its finite ID scores; None when it has none."""
+    from ..metrics import threshold_at_tpr
+
+    out: dict[str, float | None] = {}
+    for m, s in scores.items():
+        a = np.asarray(s["ID"], dtype=np.float64)
+        a = a[np.isfinite(a)]
+        out[m] = threshold_at_tpr(a, TPR) if a.size else None
+    return out
+
+
+class Recomputed(NamedTuple):
+    """What :meth:`Report.recompute` gives: the rows, the ID accuracy and the thresholds, per method."""
+
+    rows: list[dict[str, Any]]
+    id_accuracy: dict[str, float | None]
+    thresholds: dict[str, float | None]
+
+
+@dataclass(repr=False)
 class Report:
     """Results of :meth:`Benchmark.run`.
 
@@ -90,6 +116,11 @@ class Report:
     ``labels``: the ID images' class names (None when unlabelled); ``all_scores``: per method and set, one score per
     id (NaN: an image the method excluded or could not score); ``predictions``: per method, the predicted ID class
     name of each ID image (None: no prediction). ``provenance``: how the report was made (see ``results.json``).
+
+    ``thresholds``: per method, the score that keeps 95% of the ID images (``threshold_at_tpr`` of its finite ID
+    scores; None without any), computed from ``scores`` when not given. ``descriptions``: per method label, one
+    sentence saying what the row is (:meth:`Benchmark.run` fills a default per detector; callers may replace
+    them), shown in ``report.md`` under "Methods".
     """
 
     name: str
@@ -107,6 +138,12 @@ class Report:
     all_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     predictions: dict[str, list[str | None]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, float | None] = field(default_factory=dict)
+    descriptions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.thresholds:
+            self.thresholds = thresholds_of(self.scores)
 
     def metric(self, method: str, dataset: str, key: str, group: str | None = None) -> float:
         """One number, e.g. ``report.metric("mcm", "textures", "auroc")`` (``dataset="mean"`` needs ``group``)."""
@@ -114,6 +151,10 @@ class Report:
             if r["method"] == method and r["dataset"] == dataset and (group is None or r["group"] == group):
                 return float(r[key])
         raise KeyError(f"no result for method={method!r}, dataset={dataset!r}, group={group!r}")
+
+    def __repr__(self) -> str:
+        """One line (the per-image arrays would fill a notebook): see :meth:`summary`."""
+        return f"<Report {self.summary()}>" if self.scores else f"<Report {printable(self.name)}: no methods>"
 
     def summary(self) -> str:
         methods = list(self.scores)
@@ -139,7 +180,7 @@ class Report:
         out += ["", "## Summary (mean over each group's OOD sets)", ""]
         groups = list(self.groups)
         head = (["method"] + [f"{_cell(g)} FPR95 ↓" for g in groups] + [f"{_cell(g)} AUROC ↑" for g in groups]
-                + ["ID acc ↑"])
+                + ["ID acc ↑", f"threshold @{100 * TPR:.0f}% TPR"])
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in self.scores:
             cells = [_cell(m)]
@@ -149,7 +190,14 @@ class Report:
                     cells.append(f"{100 * self.metric(m, ds, key, g):.2f}")
             acc = self.id_accuracy.get(m)
             cells.append("n/a" if acc is None else f"{100 * acc:.2f}")
+            thr = self.thresholds.get(m)
+            cells.append("n/a" if thr is None else f"{thr:.6g}")
             out.append("| " + " | ".join(cells) + " |")
+        if self.descriptions:
+            out += ["", "## Methods", ""]
+            order = [m for m in self.scores if m in self.descriptions]
+            order += [m for m in self.descriptions if m not in self.scores]
+            out += [f"- `{printable(m)}`: {printable(self.descriptions[m])}" for m in order]
         out += ["", "## All OOD sets (percent)", ""]
         head = ["method", "group", "dataset"] + [_HEAD[k] for k in METRICS]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -193,6 +241,9 @@ class Report:
         if self.provenance:
             out["provenance"] = self.provenance
         out["methods"] = list(self.scores)
+        out["thresholds"] = self.thresholds  # per method, at threshold_tpr
+        out["threshold_tpr"] = TPR
+        out["descriptions"] = self.descriptions
         return _clean(out)
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -257,13 +308,14 @@ class Report:
         from ..errors import InvalidInputError
 
         folder = Path(folder)
+        texts = {name: read_text(folder / name, "saved report file") for name in ("results.json", "scores.csv")}
         try:
-            data = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-            lines = list(csv.reader(io.StringIO((folder / "scores.csv").read_text(encoding="utf-8"))))
-        except (OSError, ValueError) as e:
+            data = json.loads(texts["results.json"])
+            lines = list(csv.reader(io.StringIO(texts["scores.csv"])))
+        except (ValueError, csv.Error) as e:
             raise InvalidInputError(f"cannot read a saved report from {folder}: {e}") from None
         methods = data.get("methods", [])
-        head, body = lines[0], lines[1:]
+        head, body = (lines[0], lines[1:]) if lines else ([], [])
         if head[:4] != ["set", "id", "label", "prediction"] or len(head) < 4 + len(methods):
             raise InvalidInputError(f"{folder / 'scores.csv'}: unexpected header {head[:6]}")
         extra = [h[len("prediction:"):] for h in head[4 + len(methods):]]
@@ -295,11 +347,14 @@ class Report:
                   notes=data.get("notes", []), invalid=data.get("invalid", {}), ids=ids,
                   labels=labels if any(lb is not None for lb in labels) else None, all_scores=all_scores,
                   predictions=preds if any(p is not None for v in preds.values() for p in v) else {},
-                  provenance=data.get("provenance", {}))
+                  provenance=data.get("provenance", {}),
+                  thresholds=data.get("thresholds") or {},
+                  descriptions=data.get("descriptions", {}))
         return rep
 
-    def recompute(self) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
-        """``(rows, id_accuracy)`` computed again from the per-image scores, labels and predictions only."""
+    def recompute(self) -> Recomputed:
+        """``(rows, id_accuracy, thresholds)`` computed again from the per-image scores, labels and predictions
+        only (a :class:`Recomputed` named tuple)."""
         _, full = self._per_image()
         finite = {m: {n: a[np.isfinite(a)] for n, a in s.items()} for m, s in full.items()}
         excluded = {m: {n: int(np.count_nonzero(~np.isfinite(a))) for n, a in s.items()}
@@ -313,69 +368,43 @@ class Report:
                 continue
             keep = np.isfinite(full[m]["ID"])
             acc[m] = float(np.mean([p == lb for p, lb, k in zip(pred, self.labels, keep) if k]))
-        return rows, acc
+        return Recomputed(rows, acc, thresholds_of(full))
 
     # ------------------------------------------------------------------ plots
-    def plot(self, folder: str | os.PathLike) -> list[Path]:
-        """Per method: ``hist_<method>.png`` (ID vs each OOD set) and ``roc_<method>.png``. Returns the paths.
+    def plot(self, folder: str | os.PathLike | None = None) -> "Figures":
+        """Every report figure, as :class:`~vlmood.evaluation.plots.Figures` (a dict of name -> matplotlib
+        ``Figure`` that a notebook shows inline as a cell's last line):
 
-        Figures are drawn with the Agg canvas directly: pyplot's global state and the user's matplotlib
-        backend (e.g. Jupyter's inline one) are left untouched. Names are shown literally (no mathtext).
+        - ``"comparison"``: AUROC and FPR95 of every method on every OOD set (:func:`.plots.comparison`);
+        - ``"hist_<method>"`` per method: ID vs each OOD set, density, threshold at 95% TPR
+          (:func:`.plots.histograms`); ``<method>`` is the label with characters other than letters, digits,
+          ``-_.`` replaced by ``_`` (``-2``, ``-3``... when two labels give the same name);
+        - ``"roc"``: one axes per OOD set with every method's ROC curve (:func:`.plots.roc`).
+
+        With ``folder``, also writes each as ``<name>.png`` there (as :meth:`save` does). Figures are drawn on
+        their own Agg canvas: pyplot's state and the user's matplotlib backend are left untouched.
         """
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from . import plots
 
-        from ..metrics import roc_curve
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        ood_names = [n for g in self.groups.values() for n in g]
+        figs = plots.Figures(comparison=plots.comparison(self))
         used: set[str] = set()
-        for m, s in self.scores.items():
+        for m in self.scores:
             stem, k = _slug(m), 1
             while stem in used:  # two method labels with the same slug must not overwrite each other's plots
                 k += 1
                 stem = f"{_slug(m)}-{k}"
             used.add(stem)
-            fig = Figure(figsize=(4 * len(ood_names), 3.2))
-            FigureCanvasAgg(fig)
-            axes = fig.subplots(1, len(ood_names), squeeze=False)
-            for ax, name in zip(axes[0], ood_names):
-                lo = min(s["ID"].min(), s[name].min())
-                hi = max(s["ID"].max(), s[name].max())
-                bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
-                h1 = ax.hist(s["ID"], bins=bins, alpha=0.6, density=True)[2]
-                h2 = ax.hist(s[name], bins=bins, alpha=0.6, density=True)[2]
-                ax.set_title(_plain(f"{name}: AUROC {100 * self.metric(m, name, 'auroc'):.1f}"))
-                ax.set_xlabel(_plain(f"{m} score (higher = more ID)"))
-                ax.legend([h1[0], h2[0]], [_plain(f"ID ({len(s['ID'])})"), _plain(f"{name} ({len(s[name])})")],
-                          fontsize=8)
-            fig.tight_layout()
-            paths.append(folder / f"hist_{stem}.png")
-            fig.savefig(paths[-1], dpi=100)
-
-            fig = Figure(figsize=(4.2, 4))
-            FigureCanvasAgg(fig)
-            ax = fig.subplots()
-            lines = []
-            for name in ood_names:
-                fpr, tpr = roc_curve(s["ID"], s[name])
-                lines += ax.plot(fpr, tpr)
-            ax.plot([0, 1], [0, 1], ls=":", c="gray")
-            ax.set_xlabel("FPR (OOD accepted)")
-            ax.set_ylabel("TPR (ID kept)")
-            ax.set_title(_plain(f"ROC, {m}"))
-            ax.legend(lines, [_plain(f"{n} ({100 * self.metric(m, n, 'auroc'):.1f})") for n in ood_names],
-                      fontsize=8, loc="lower right")
-            fig.tight_layout()
-            paths.append(folder / f"roc_{stem}.png")
-            fig.savefig(paths[-1], dpi=100)
-        return paths
+            figs[f"hist_{stem}"] = plots.histograms(self, m)
+        figs["roc"] = plots.roc(self)
+        if folder is not None:
+            figs.save(folder)
+        return figs
 
     def save(self, folder: str | os.PathLike, plots: bool = True) -> dict[str, Path]:
         """Write ``report.md``, ``results.csv``, ``results.json``, ``scores.csv`` (per-image scores, see
-        :meth:`scores_csv`; :meth:`load` reads the report back) and the plots into ``folder``."""
+        :meth:`scores_csv`; :meth:`load` reads the report back) and, with ``plots``, the figures of :meth:`plot`
+        (``comparison.png``, ``hist_<method>.png`` per method, ``roc.png``) into ``folder``. Returns
+        ``{"report", "csv", "json", "scores", <figure name>...: path}``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         out = {"report": folder / "report.md", "csv": folder / "results.csv", "json": folder / "results.json",
@@ -385,6 +414,5 @@ class Report:
         self.scores_csv(out["scores"])
         self.to_json(out["json"])
         if plots:
-            for p in self.plot(folder):
-                out[p.stem] = p
+            out.update(self.plot().save(folder))
         return out

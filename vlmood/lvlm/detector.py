@@ -81,6 +81,9 @@ class LVLMDetector:
     name = "lvlm"
     needs_images = True
     needs_local = False
+    param_names = ("prompt", "invalid", "retries", "n_suggest", "class_batch", "retry_temperature", "chunk_size",
+                   "generation")
+    """The settings :meth:`get_params` returns and detector files record (``generation``: the ``**params``)."""
 
     def __init__(self, client: LVLMClient, classes: str | Sequence[str], prompt: str = "baseline",
                  invalid: str = "exclude", retries: int = 2, n_suggest: int = 5, class_batch: int | None = None,
@@ -109,6 +112,7 @@ class LVLMDetector:
         self.progress = progress
         self.params = params
         self.threshold_: float | None = None
+        self.tpr_: float | None = None
         self.responses_: list[Any] = []
         self.statuses_: dict[str, int] = {}
         self.suggestions_: list[list[str]] = []
@@ -121,6 +125,18 @@ class LVLMDetector:
         batch = f", batches of {self.class_batch}" if self.class_batch else ""
         return (f"LVLMDetector({len(self.classes)} classes, {self.prompt} prompt, invalid={self.invalid}{batch}, "
                 f"{getattr(self.client, 'model_id', type(self.client).__name__)})")
+
+    def get_params(self) -> dict[str, Any]:
+        """The detector's settings as ``__init__`` takes them; ``generation`` holds the generation ``**params``."""
+        return {**{k: getattr(self, k) for k in self.param_names[:-1]}, "generation": dict(self.params)}
+
+    def save(self, path: Any) -> Any:
+        """Write the detector (settings, classes, calibration, the client's configuration, never an API key) as a
+        ``vlmood.detector`` file; :func:`vlmood.load_detector` rebuilds the client from it (see
+        :func:`client_config`). Returns the path written."""
+        from ..detectors.persist import save_detector
+
+        return save_detector(self, path)
 
     # ------------------------------------------------------------------ asking
     def _batches(self) -> list[list[str]]:
@@ -285,7 +301,8 @@ class LVLMDetector:
         return self.respond(images)[1]
 
     def calibrate(self, id_scores_or_images: Any, tpr: float = 0.95) -> float:
-        """Set ``threshold_`` to the highest value keeping a ``tpr`` fraction of ID inputs; returns it.
+        """Set ``threshold_`` to the highest value keeping a ``tpr`` fraction of ID inputs (and ``tpr_`` to ``tpr``);
+        returns it.
 
         Accepts 1-D ID scores (NaN refused, as for every detector) or ID images: their excluded (NaN) scores are
         left out, and a one-line error is raised when no image has a valid response.
@@ -302,6 +319,7 @@ class LVLMDetector:
             if not scores.size:
                 raise InvalidInputError(f"no ID image got a valid response ({self.statuses_}); cannot calibrate")
         self.threshold_ = threshold_at_tpr(scores, tpr)
+        self.tpr_ = float(tpr)
         return self.threshold_
 
     def predict(self, images: Any, threshold: float | None = None) -> Prediction:
@@ -314,3 +332,70 @@ class LVLMDetector:
         scores, labels = self.respond(images)
         names = [self.classes[i] if i >= 0 else None for i in labels]
         return Prediction(labels, names, scores, ~(np.isfinite(scores) & (scores >= thr)))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- detector files
+_OPENAI_KEYS = ("base_url", "model", "temperature", "max_tokens", "timeout", "max_retries", "backoff", "concurrency",
+                "max_backoff", "max_retry_after", "jitter")
+_HF_KEYS = ("model", "batch_size", "max_new_tokens", "temperature")
+
+
+def client_config(client: Any) -> dict[str, Any]:
+    """How a detector file records ``client``: ``{"client": "openai", base URL, model, retries, ...}``, ``{"client":
+    "transformers", model folder or hub id, ...}``, or ``{"client": "custom", "type": ...}`` for any other client
+    (then ``vlmood.load_detector(..., client=...)`` must give one). Always ``model_id`` and ``cache`` (whether the
+    response cache was on). Never the API key."""
+    import sys
+
+    from .http import OpenAIClient
+
+    hf = sys.modules.get("vlmood.lvlm.hf")  # never imported just to look
+    common = {"model_id": str(getattr(client, "model_id", "")), "cache": getattr(client, "cache", None) is not None}
+    if isinstance(client, OpenAIClient):
+        return {"client": "openai", **{k: getattr(client, k) for k in _OPENAI_KEYS}, **common}
+    model = getattr(getattr(client, "model", None), "name_or_path", "") if hf is not None else ""
+    if hf is not None and isinstance(client, hf.TransformersClient) and model:
+        return {"client": "transformers", "model": str(model), "batch_size": client.batch_size,
+                "max_new_tokens": client.params.max_tokens, "temperature": client.params.temperature, **common}
+    return {"client": "custom", "type": type(client).__name__, **common}
+
+
+def check_client_config(cfg: Any) -> str | None:
+    """Why ``cfg`` is not a recorded client configuration (:func:`client_config`), or None."""
+    kinds = {"openai": _OPENAI_KEYS, "transformers": _HF_KEYS, "custom": ("type",)}
+    if not isinstance(cfg, dict) or cfg.get("client") not in kinds:
+        return 'expected {"client": "openai" | "transformers" | "custom", ...}'
+    want = {"client", "model_id", "cache", *kinds[cfg["client"]]}
+    if set(cfg) != want:
+        return f"expected exactly {', '.join(sorted(want))}, got {', '.join(sorted(cfg))}"
+    if not isinstance(cfg["model_id"], str) or not isinstance(cfg["cache"], bool):
+        return "model_id must be a string and cache true or false"
+    return None
+
+
+def build_client(cfg: dict[str, Any], client: Any, device: Any, cache: Any, name: str) -> Any:
+    """The client of a detector file: ``client`` when given (a warning when its ``model_id`` is not the recorded
+    one), else rebuilt from ``cfg`` (the API key of an OpenAI-compatible client comes from the environment)."""
+    import warnings
+
+    if client is None:
+        kind = cfg["client"]
+        if kind == "custom":
+            raise InvalidInputError(f"{name} was saved with a custom LVLM client ({cfg['type']}, model "
+                                    f"{cfg['model_id']!r}) that cannot be rebuilt: pass client= to load_detector")
+        use_cache = cache is not False and cache is not None and cfg["cache"]  # the default response cache
+        if kind == "openai":
+            from .http import OpenAIClient
+
+            client = OpenAIClient(**{k: cfg[k] for k in _OPENAI_KEYS}, cache=use_cache)
+        else:
+            from .hf import TransformersClient
+
+            client = TransformersClient(cfg["model"], device=device, batch_size=cfg["batch_size"],
+                                        max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
+                                        cache=use_cache)
+    model_id = getattr(client, "model_id", None)
+    if cfg["model_id"] and model_id != cfg["model_id"]:
+        warnings.warn(f"{name} was saved with the LVLM {cfg['model_id']!r} but is loaded with {model_id!r}",
+                      stacklevel=3)
+    return client

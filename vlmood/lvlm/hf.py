@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -254,11 +253,11 @@ class TransformersClient(LVLMClient):
             except Exception as e:  # noqa: BLE001 - one request's failure is its reply, never the run's
                 replies[i] = Reply(None, error=_one_line(e))
         todo.sort(key=lambda t: -len(t[1]))  # similar lengths together: less padding
-        from tqdm.auto import tqdm
+        from .._progress import progress as _progress
 
-        disable = (not progress) if progress is not None else (not sys.stderr.isatty() or len(todo) <= 1)
-        with tqdm(total=len(todo), desc=f"generating {self.model_id}", unit="req", disable=disable, leave=False,
-                  file=sys.stderr) as bar:
+        show = progress if (progress is not None or len(todo) > 1) else False
+        with _progress(len(todo), f"generating {self.model_id}", "requests", show,
+                       start=f"generating {len(todo):,} answers with {self.model_id}") as bar:
             for s in range(0, len(todo), self.batch_size):
                 chunk = todo[s:s + self.batch_size]
                 try:

@@ -396,11 +396,11 @@ class OpenAIClient(LVLMClient):
 
     def _run(self, todo: list[tuple[int, Request, str | None]], replies: list[Reply | None],
              gen: GenerationParams, progress: bool | None) -> None:
-        from tqdm.auto import tqdm
+        from .._progress import progress as _progress
 
         stop = threading.Event()
-        bar = tqdm(total=len(todo), desc="LVLM requests", unit="req",
-                   disable=(not progress) if progress is not None else None)
+        bar = _progress(len(todo), "LVLM requests", "requests", progress,
+                        start=f"sending {len(todo):,} requests to {self.model}")
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(todo)), thread_name_prefix="lvlm")
         try:
             futures: dict[Future, int] = {pool.submit(self._one, r, key, gen, stop): i for i, r, key in todo}

@@ -2,9 +2,19 @@
 
 Layout under ``root`` (``$VLMOOD_CACHE`` or the platform cache dir)::
 
-    <kind>/<namespace>/meta.json             which encoder (fingerprint + precision) the namespace holds
+    <kind>/<namespace>/meta.json             {"namespace": ..., "dtype": ..., "encoder": {"fingerprint", "spec",
+                                             "precision"}}: which encoder the namespace holds (older caches
+                                             have the namespace only; its first ``|`` field is the fingerprint)
     <kind>/<namespace>/index.json            shard name -> row count and checksum
     <kind>/<namespace>/<shard>.safetensors   tensors ``keys`` (uint8 [k, 32], sha256 of each key) and ``emb`` [k, D]
+
+``<namespace>`` is the first 24 hex digits of the sha256 of the namespace string and the storage dtype. A namespace
+string is ``fingerprint|precision|text-v1`` for prompts (:func:`vlmood.text.embed.cache_namespace`) and
+``fingerprint|precision|preprocessing|global-or-local|feat-v1`` for image features
+(:func:`vlmood.features.feature_namespace`); the fingerprint (``backend:arch:weights-hash``) names the exact weights.
+Other caches under the same root: ``lvlm/`` (replies of vision-language models, :mod:`vlmood.lvlm.cache`) and
+``tuning-views/<key>/`` (augmented view features of prompt learning, :mod:`vlmood.tuning.views`).
+:func:`cache_info` lists them all and :func:`clear_cache` removes them (``vlmood cache info|clear``).
 
 A namespace is one encoder (and, for images, one preprocessing); a key is the sha256 of an exact string
 (the prompt, or an image's identity). Every shard is written to a
@@ -27,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -273,8 +284,12 @@ class EmbeddingCache:
         return {n: e for n, e in shards.items() if isinstance(n, str) and _valid_entry(e)}
 
     # ------------------------------------------------------------------ writing
-    def put(self, namespace: str, texts: Sequence[str], embeddings: torch.Tensor) -> Path | None:
+    def put(self, namespace: str, texts: Sequence[str], embeddings: torch.Tensor,
+            encoder: dict[str, Any] | None = None) -> Path | None:
         """Store ``embeddings`` (``[len(texts), D]``) as one new shard; returns its path.
+
+        ``encoder``: ``{"fingerprint", "spec", "precision"}`` recorded in the namespace's ``meta.json`` when it is
+        created (see :func:`encoder_record`), so that :func:`cache_info` can say which model the folder belongs to.
 
         Returns None when there is nothing to store or the folder cannot be written (read-only, full disk:
         one :class:`CacheWarning`, no temporary file left). Raises ValueError for non-finite rows, which
@@ -291,17 +306,21 @@ class EmbeddingCache:
             raise ValueError(f"refusing to cache {len(bad)} non-finite (NaN/Inf) embedding row(s), "
                              f"e.g. {printable(bad[0])!r}")
         try:
-            return self._write_shard(self.folder(namespace), namespace, texts, emb)
+            return self._write_shard(self.folder(namespace), namespace, texts, emb, encoder)
         except OSError as e:
             self._warn_once("write", e)
             return None
 
-    def _write_shard(self, folder: Path, namespace: str, texts: Sequence[str], emb: torch.Tensor) -> Path:
+    def _write_shard(self, folder: Path, namespace: str, texts: Sequence[str], emb: torch.Tensor,
+                     encoder: dict[str, Any] | None = None) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         self._sweep_once(folder)
         meta = folder / "meta.json"
         if not meta.exists():
-            atomic_write_bytes(meta, json.dumps({"namespace": namespace}, indent=1).encode())
+            record: dict[str, Any] = {"namespace": namespace, "dtype": self.dtype}
+            if encoder is not None:
+                record["encoder"] = dict(encoder)
+            atomic_write_bytes(meta, json.dumps(record, indent=1).encode())
         keys = torch.from_numpy(np.frombuffer(b"".join(prompt_key(t) for t in texts), dtype=np.uint8).reshape(-1, 32).copy())
         checksum = _checksum(keys, emb)
         from safetensors.torch import save
@@ -329,3 +348,220 @@ class EmbeddingCache:
 
         target = self.folder(namespace) if namespace is not None else self.root / self.kind
         shutil.rmtree(target, ignore_errors=True)
+
+
+def encoder_record(encoder: Any) -> dict[str, str]:
+    """What a namespace's ``meta.json`` records about its encoder: ``{"fingerprint", "spec", "precision"}``."""
+    return {"fingerprint": str(encoder.fingerprint), "spec": str(encoder.spec), "precision": str(encoder.precision)}
+
+
+# ---------------------------------------------------------------------- administration (vlmood cache info|clear)
+_HEX = frozenset("0123456789abcdef")
+_EMBEDDING_KINDS = ("text", "features")  # EmbeddingCache kinds: <kind>/<24 hex>/
+UNKNOWN = "unknown"
+"""The fingerprint reported for a cache folder that does not record its encoder (no or unreadable ``meta.json``,
+LVLM replies, prompt-learning views): such folders are removed only by a full clear or by age."""
+
+
+def _is_hex(name: str, n: int) -> bool:
+    return len(name) == n and set(name) <= _HEX
+
+
+def _scan(folder: Path) -> tuple[int, float | None, list[Path]]:
+    """``(bytes, newest mtime, visible shard/entry files)`` of the regular files under ``folder``, never following
+    a symbolic link (a link is neither counted nor entered). Temporary and hidden files count in bytes and mtime
+    (a concurrent writer's new temporary file keeps the folder young) but are never entries."""
+    size, newest, files = 0, None, []
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_symlink():
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                elif e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    size += st.st_size
+                    newest = st.st_mtime if newest is None else max(newest, st.st_mtime)
+                    if not e.name.startswith("."):
+                        files.append(Path(e.path))
+            except OSError:  # removed meanwhile by a concurrent process
+                continue
+    return size, newest, files
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((folder / "meta.json").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _embedding_row(kind: str, folder: Path) -> dict[str, Any]:
+    meta = _read_meta(folder)
+    ns = meta.get("namespace") if isinstance(meta.get("namespace"), str) else None
+    enc = meta.get("encoder") if isinstance(meta.get("encoder"), dict) else {}
+    # split from the right: a fingerprint may hold "|" itself (CLIPN's no side: "clipn-no:<hash>|<base encoder>")
+    fields = ns.rsplit("|", 4 if kind == "features" else 2) if ns else []
+    fingerprint = enc.get("fingerprint") or (fields[0] if fields and fields[0] else UNKNOWN)
+    precision = enc.get("precision") or (fields[1] if len(fields) > 1 else None)
+    size, newest, files = _scan(folder)
+    index = EmbeddingCache._read_index(folder) or {}
+    entries = 0
+    for p in files:
+        if p.parent == folder and p.suffix == ".safetensors":
+            entry = index.get(p.name) or _shard_entry(p)
+            entries += entry["count"] if entry is not None else 0
+    detail = f"{fields[3]}, {fields[2]}" if kind == "features" and len(fields) == 5 else None  # global/local first
+    return {"kind": kind, "path": str(folder), "fingerprint": str(fingerprint), "spec": enc.get("spec"),
+            "precision": precision, "detail": detail, "entries": entries, "bytes": size, "modified": newest}
+
+
+def _views_row(folder: Path) -> dict[str, Any]:
+    meta = _read_meta(folder)
+    shapes = meta.get("shapes") if isinstance(meta.get("shapes"), dict) else {}
+    g = shapes.get("global")
+    ok = isinstance(g, list) and len(g) >= 2 and all(isinstance(x, int) for x in g[:2])
+    entries = g[0] * g[1] if ok else 0
+    size, newest, _ = _scan(folder)
+    return {"kind": "tuning-views", "path": str(folder), "fingerprint": UNKNOWN, "spec": None, "precision": None,
+            "detail": "image views of prompt learning", "entries": entries, "bytes": size, "modified": newest}
+
+
+def _lvlm_row(folder: Path) -> dict[str, Any]:
+    size, newest, files = _scan(folder)
+    entries = sum(1 for p in files if p.suffix == ".json" and _is_hex(p.stem, 64) and p.parent.parent == folder)
+    return {"kind": "lvlm", "path": str(folder), "fingerprint": UNKNOWN, "spec": None, "precision": None,
+            "detail": "vision-language model replies", "entries": entries, "bytes": size, "modified": newest}
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    """The real (not symbolic-link) sub-folders of ``folder``, sorted; none when it is absent or a link."""
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    try:
+        with os.scandir(folder) as it:
+            return sorted(Path(e.path) for e in it if not e.is_symlink() and e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+
+
+def cache_info(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """One row per cache folder under ``root`` (default :func:`vlmood._paths.cache_root`).
+
+    Rows (dicts): ``kind`` (``"text"``, ``"features"``, ``"tuning-views"``, ``"lvlm"``), ``path``, ``fingerprint``
+    of the encoder (:data:`UNKNOWN` when not recorded), ``spec`` (None when not recorded: caches written before
+    vlmood recorded it), ``precision``, ``detail`` (features: preprocessing and global/local), ``entries``
+    (embedding rows, view rows or replies), ``bytes`` (regular files, temporary ones included) and ``modified``
+    (newest file's mtime, seconds since the epoch; None when empty). Only vlmood's own folders are listed (anything
+    else under ``root`` is left alone), and symbolic links are never followed.
+    """
+    base = Path(root).expanduser() if root is not None else cache_root()
+    rows = []
+    for kind in _EMBEDDING_KINDS:
+        rows += [_embedding_row(kind, d) for d in _subdirs(base / kind) if _is_hex(d.name, 24)]
+    rows += [_views_row(d) for d in _subdirs(base / "tuning-views") if _is_hex(d.name, 32)]
+    lvlm = base / "lvlm"
+    if lvlm.is_dir() and not lvlm.is_symlink():
+        rows.append(_lvlm_row(lvlm))
+    return rows
+
+
+def _match_encoder(rows: list[dict[str, Any]], encoder: str) -> str:
+    """The one recorded fingerprint that ``encoder`` names (whole, a prefix, or a prefix of its weights hash)."""
+    from ..errors import InvalidInputError
+
+    known = sorted({r["fingerprint"] for r in rows if r["fingerprint"] != UNKNOWN})
+    q = encoder.strip()
+    if q in known:
+        return q
+    hits = [fp for fp in known if q and (fp.startswith(q) or fp.rsplit(":", 1)[-1].startswith(q))]
+    if len(hits) == 1:
+        return hits[0]
+    listed = ", ".join(known) if known else "none"
+    if not hits:
+        raise InvalidInputError(f"no cached encoder matches {printable(q)!r}; cached encoders: {listed}")
+    raise InvalidInputError(f"{printable(q)!r} matches {len(hits)} cached encoders ({', '.join(hits)}); give more "
+                            "of the fingerprint")
+
+
+def _remove(row: dict[str, Any]) -> str | None:
+    """Remove a row's folder (under its index lock, if it has one, so a writer updating the index finishes first);
+    the error message, or None. A writer adding a shard meanwhile gets one CacheWarning and goes on uncached."""
+    import shutil
+
+    folder = Path(row["path"])
+    errors: list[str] = []
+
+    def onerror(_func: Any, path: str, exc: Any) -> None:
+        e = exc[1] if isinstance(exc, tuple) else exc
+        if not isinstance(e, FileNotFoundError):
+            errors.append(f"{printable(path)}: {getattr(e, 'strerror', None) or e}")
+
+    lock = folder / "index.lock"
+    how = {"onexc": onerror} if sys.version_info >= (3, 12) else {"onerror": onerror}
+    try:
+        with _file_lock(lock) if lock.is_file() else contextlib.nullcontext():
+            shutil.rmtree(folder, **how)
+    except OSError as e:
+        errors.append(f"{printable(str(folder))}: {e.strerror or e}")
+    return "; ".join(errors) or None
+
+
+def _modified(row: dict[str, Any]) -> float:
+    """A row's newest file mtime, else (an empty folder) the folder's own."""
+    if row["modified"] is not None:
+        return float(row["modified"])
+    try:
+        return Path(row["path"]).lstat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def clear_cache(encoder: str | None = None, older_than_days: float | None = None,
+                root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Remove whole cache folders (rows of :func:`cache_info`) and return what was removed.
+
+    Args:
+        encoder: a recorded fingerprint, a unique prefix of one, or a unique prefix of its weights hash (the part
+            after the last ``:``): only that encoder's folders. An unknown or ambiguous value is a one-line
+            :class:`~vlmood.errors.InvalidInputError` listing the cached encoders. Folders that do not record
+            their encoder never match.
+        older_than_days: only folders whose newest file is older than this many days (>= 0).
+        root: the cache root (default :func:`vlmood._paths.cache_root`).
+
+    Both filters: folders matching both. Neither: everything :func:`cache_info` lists (other files under ``root``
+    are left alone). Returns ``{"removed": [rows], "entries": int, "bytes": int, "errors": [str]}`` (a folder that
+    could not be removed, e.g. read-only, is in ``errors``, not in ``removed``).
+    """
+    from ..errors import InvalidInputError
+
+    if older_than_days is not None:
+        if isinstance(older_than_days, bool) or not isinstance(older_than_days, (int, float)) \
+                or not older_than_days >= 0:
+            raise InvalidInputError(f"older_than_days must be a number of days >= 0, got {older_than_days!r}")
+    rows = cache_info(root)
+    chosen = rows
+    if encoder is not None:
+        fp = _match_encoder(rows, encoder)
+        chosen = [r for r in chosen if r["fingerprint"] == fp]
+    if older_than_days is not None:
+        cutoff = time.time() - older_than_days * 86400.0
+        chosen = [r for r in chosen if _modified(r) < cutoff]
+    removed, errors = [], []
+    for r in chosen:
+        err = _remove(r)
+        if err:
+            errors.append(err)
+        else:
+            removed.append(r)
+    return {"removed": removed, "entries": sum(r["entries"] for r in removed),
+            "bytes": sum(r["bytes"] for r in removed), "errors": errors}

@@ -6,12 +6,11 @@ from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from .._io import printable
+from .._progress import progress as _progress
 from .._paths import cache_root
 from ..errors import InvalidInputError, NonFiniteEmbeddingError
-from .cache import EmbeddingCache
+from .cache import EmbeddingCache, encoder_record
 from .prompts import class_prompts, load_classes, load_templates
 
 if TYPE_CHECKING:
@@ -74,28 +73,41 @@ def cache_namespace(encoder: "Encoder") -> str:
 
 
 def compute_text_embeddings(
-    encoder: "Encoder", texts: Sequence[str], batch_size: int | None = None, progress: bool | None = None
+    encoder: "Encoder", texts: Sequence[str], batch_size: int | None = None, progress: bool | None = None,
+    what: str = "prompts",
 ) -> torch.Tensor:
     """Embed ``texts`` (no cache): ``[M, D]`` float32, L2-normalised, in input order.
 
     Prompts are sorted by token length and each batch runs only over its longest prompt's positions
     when the encoder's text tower makes that exact (causal attention, end-token pooling).
+    ``progress``: see :mod:`vlmood._progress` (``None``: shown only for long jobs; ``what`` names the texts there).
     Raises :class:`NonFiniteEmbeddingError` naming the prompts whose embedding is NaN/Inf.
     """
-    out = _compute(encoder, texts, batch_size, progress)
+    out = _compute(encoder, texts, batch_size, progress, start=_start_line(encoder, len(texts), what, False),
+                   unit=what.split(" (", 1)[0])
     _check_finite(texts, out)
     return out
 
 
+def _start_line(encoder: "Encoder", n: int, what: str, cached: bool, hits: int = 0) -> str:
+    """The progress start line: how many texts are encoded, with which model, and whether they are cached."""
+    line = f"encoding {n:,} {what} with {encoder.spec}"
+    if hits:
+        line += f" ({hits:,} already cached)"
+    return line + (" — first time only, cached afterwards" if cached else "")
+
+
 def _compute(
     encoder: "Encoder", texts: Sequence[str], batch_size: int | None = None, progress: bool | None = None,
-    on_rows: Callable[[list[int], torch.Tensor], None] | None = None,
+    on_rows: Callable[[list[int], torch.Tensor], None] | None = None, start: str | None = None,
+    unit: str = "prompts",
 ) -> torch.Tensor:
     """:func:`compute_text_embeddings` without the finiteness check (rows may be NaN/Inf).
 
     ``on_rows(positions, rows)`` receives the rows computed so far (positions in ``texts``) at least every
     :data:`_STORE_PROMPTS` prompts or :data:`_STORE_SECONDS` seconds, and once more however the loop ends
-    (an exception or Ctrl-C included), so that completed work can be stored.
+    (an exception or Ctrl-C included), so that completed work can be stored. ``start``, ``unit``: the progress start
+    line and what the texts are called (plural).
     """
     if len(texts) == 0:
         return torch.empty(0, encoder.embed_dim)
@@ -114,10 +126,8 @@ def _compute(
         done.clear()
         last = time.monotonic()
 
-    # progress=None: a bar only for large sets, and only on a terminal (tqdm's disable=None)
-    disable = (not progress) if progress is not None else (True if len(texts) < 2048 else None)
     try:
-        with tqdm(total=len(texts), desc="text embeddings", unit="prompt", disable=disable, leave=False) as bar, \
+        with _progress(len(texts), "text embeddings", unit, progress, start=start) as bar, \
                 torch.inference_mode(), encoder.autocast():
             for i in range(0, len(texts), bs):
                 idx = order[i : i + bs]
@@ -139,6 +149,8 @@ def embed_texts(
     batch_size: int | None = None,
     cache: CacheArg = None,
     progress: bool | None = None,
+    *,
+    what: str = "prompts",
 ) -> torch.Tensor:
     """Embed prompts through the cache: ``[M, D]`` float32, L2-normalised, in input order.
 
@@ -146,7 +158,9 @@ def embed_texts(
     computed, then stored as they are computed (every 8,192 prompts or 60 seconds, and when the run stops on an
     exception, Ctrl-C or SIGTERM, so an interrupted run resumes where it stopped). A read-only or full cache
     folder gives one warning and no caching. ``cache``: an :class:`EmbeddingCache`, ``True`` (default cache),
-    or ``None``.
+    or ``None``. ``progress``: see :mod:`vlmood._progress` (``None``: shown only for long jobs, ``False``: never);
+    its start line says how many texts are encoded (``what``, e.g. ``"lexicon words"``), with which model, and
+    that they are cached.
     Raises :class:`NonFiniteEmbeddingError` naming the prompts whose embedding is NaN/Inf (never cached).
     """
     texts = as_texts(texts)
@@ -161,20 +175,23 @@ def embed_texts(
     if missing:
         todo = [uniq[i] for i in missing]
         writable = store is not None
+        record = encoder_record(encoder) if writable else None
 
         def keep(positions: list[int], rows: torch.Tensor) -> None:  # the finite ones, even when others are not
             nonlocal writable
             finite = torch.isfinite(rows).all(dim=1).tolist()
             good = [k for k, ok in enumerate(finite) if ok]
             if writable and good:
-                writable = store.put(ns, [todo[positions[k]] for k in good], rows[good]) is not None
+                writable = store.put(ns, [todo[positions[k]] for k in good], rows[good], record) is not None
 
         from .. import _signals
         from .._signals import _signals_unwind, _Signalled
 
         try:
             with _signals_unwind():
-                new = _compute(encoder, todo, batch_size, progress, on_rows=keep if writable else None)
+                new = _compute(encoder, todo, batch_size, progress, on_rows=keep if writable else None,
+                               start=_start_line(encoder, len(todo), what, writable, hits=len(hits)),
+                               unit=what.split(" (", 1)[0])
         except _Signalled as s:
             _signals._die_of(s.signum)
         _check_finite(todo, new)
@@ -191,12 +208,18 @@ def class_embeddings(
     batch_size: int | None = None,
     progress: bool | None = None,
     check: bool = True,
+    *,
+    what: str = "class names",
 ) -> torch.Tensor:
     """Prompt-ensemble class embeddings ``[C, D]``: the normalised mean of each class's normalised template embeddings.
 
     ``check=False`` skips class-list validation (used for lexicon words, which are already unique).
+    ``what`` names the classes in the progress start line (e.g. ``"lexicon words"``: ``encoding 70,794 lexicon
+    words with ...``; with several templates, ``encoding 212,382 prompts (70,794 lexicon words x 3 templates)``).
     """
     names = load_classes(classes) if check else list(classes)
     tmpl = load_templates(templates)
-    emb = embed_texts(encoder, class_prompts(names, tmpl), batch_size=batch_size, cache=cache, progress=progress)
+    label = what if len(tmpl) == 1 else f"prompts ({len(names):,} {what} x {len(tmpl)} templates)"
+    emb = embed_texts(encoder, class_prompts(names, tmpl), batch_size=batch_size, cache=cache, progress=progress,
+                      what=label)
     return F.normalize(emb.view(len(names), len(tmpl), -1).mean(dim=1), dim=-1)

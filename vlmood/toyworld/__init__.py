@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bench import benchmark, demo_detectors, load_images
+from .bench import benchmark, demo, demo_descriptions, demo_detectors, load_images
 from .model import ARCH, ASSETS, CHECKPOINT, tokenizer_for
 from .world import BACKGROUNDS, COLOURS, FILLS, ID_SHAPES, OOD_SHAPES, SHAPES, SIZES, Scene, World, vocabulary
 
@@ -39,5 +39,5 @@ def write_lexicon(folder: str | Path) -> None:
 
 
 __all__ = ["ARCH", "ASSETS", "BACKGROUNDS", "CHECKPOINT", "COLOURS", "FILLS", "ID_SHAPES", "OOD_SHAPES", "SHAPES", "SIZES",
-           "Scene", "World", "benchmark", "demo_detectors", "lexicon_dir", "load_images", "tokenizer_for",
-           "vocabulary", "write_lexicon"]
+           "Scene", "World", "benchmark", "demo", "demo_descriptions", "demo_detectors", "lexicon_dir", "load_images",
+           "tokenizer_for", "vocabulary", "write_lexicon"]

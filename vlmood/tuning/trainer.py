@@ -42,9 +42,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from .._io import printable
+from .._progress import progress as _progress
 from ..data import as_source, map_labels
 from ..encoders.text_forward import require_prompt_learning
 from ..errors import InvalidInputError, VlmoodError
@@ -188,7 +187,7 @@ class PromptTrainer:
                 ``prompts.safetensors`` (the result). None keeps nothing on disk but the view features.
             resume: continue the run in ``out`` from its last checkpoint (same arguments required); the result
                 equals an uninterrupted run's.
-            progress: progress bars (None: on a terminal).
+            progress: progress with an ETA (:mod:`vlmood._progress`; None: shown only for long runs, False: never).
             on_missing: ``"error"`` when a class has fewer than ``shots`` images, or ``"use_all"``.
 
         Raises:
@@ -275,12 +274,15 @@ class PromptTrainer:
         log_file = open(run / LOG, "a", encoding="utf-8") if run is not None else None
         loop = _Loop(pieces=pieces, store=store, labels=labels, ctx=ctx, opt=opt, batch_size=batch_size,
                      n_steps=n_steps, views=views, log=log, log_file=log_file, run=run, elapsed0=elapsed0,
-                     disable=(not progress) if progress is not None else None)
+                     bar=_progress((epochs - start_epoch) * n_steps, f"{self.method} training", "steps", progress,
+                                   start=f"training {self.method} on {len(sel)} images with {enc.spec}: epochs "
+                                         f"{start_epoch + 1}-{epochs}, {n_steps} steps each"))
         try:
-            for epoch in range(start_epoch, epochs):
-                summary = self._epoch(loop, epoch, epochs, lr)
-                if run is not None:
-                    self._save_checkpoint(run, ctx, opt, epoch + 1, summary["elapsed"], signature)
+            with loop.bar:
+                for epoch in range(start_epoch, epochs):
+                    summary = self._epoch(loop, epoch, epochs, lr)
+                    if run is not None:
+                        self._save_checkpoint(run, ctx, opt, epoch + 1, summary["elapsed"], signature)
         finally:
             if log_file is not None:
                 log_file.close()
@@ -322,9 +324,7 @@ class PromptTrainer:
         device = loop.labels.device
         sums: dict[str, float] = {}
         correct = seen = 0
-        bar = tqdm(batches, desc=f"{self.method} epoch {epoch + 1}/{epochs}", unit="step", disable=loop.disable,
-                   leave=False)
-        for step, b in enumerate(bar):
+        for step, b in enumerate(batches):
             y = loop.labels[b]
             g, loc = loop.store.batch(b, view_of[b])
             text = F.normalize(loop.pieces.text_features(enc, ctx).float(), dim=-1)
@@ -345,8 +345,8 @@ class PromptTrainer:
                 sums[k] = sums.get(k, 0.0) + v
             self._log(loop, {"epoch": epoch + 1, "step": step + 1, **vals, "lr": cur_lr, "acc": hits / len(b),
                              "elapsed": loop.elapsed()})
-            bar.set_postfix(loss=f"{vals['loss']:.4f}", acc=f"{correct / seen:.3f}")
-        bar.close()
+            loop.bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{vals['loss']:.4f}", acc=f"{correct / seen:.3f}")
+            loop.bar.update(1)
         summary = {"epoch": epoch + 1, "summary": True, **{k: v / loop.n_steps for k, v in sums.items()},
                    "lr": cur_lr, "acc": correct / seen, "steps": loop.n_steps,
                    "epoch_s": round(time.perf_counter() - t_epoch, 4), "elapsed": loop.elapsed()}
@@ -476,7 +476,7 @@ class _Loop:
     log_file: Any
     run: Path | None
     elapsed0: float
-    disable: bool | None
+    bar: Any  # a vlmood._progress.progress over the run's steps
     t0: float = field(default_factory=time.perf_counter)
 
     def elapsed(self) -> float:

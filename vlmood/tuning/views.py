@@ -41,10 +41,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
 
 from .._io import printable
 from .._paths import cache_root
+from .._progress import progress as _progress
 from ..errors import ImageLoadError, InvalidInputError, VlmoodError
 
 DEFAULT_VIEWS = 8
@@ -292,22 +292,26 @@ def extract_views(encoder: Any, source: Any, indices: Sequence[int], identities:
     pairs = [(k, v) for k in range(len(indices)) for v in range(views)]
     batches = [pairs[i : i + bs] for i in range(0, len(pairs), bs)]
     todo = [b for b in batches if not all(store.done[k, v] for k, v in b)]
-    disable = (not progress) if progress is not None else None
     loaded: tuple[int, Image.Image] | None = None
-    for batch in tqdm(todo, desc="encoding views", unit="batch", disable=disable, leave=False):
-        tensors = []
-        for k, v in batch:
-            if loaded is None or loaded[0] != k:
-                loaded = (k, source.load(indices[k]))
-            tensors.append(augment(loaded[1], view_rng(seed, k, v), geo))
-        res = encoder.encode_images(torch.stack(tensors), local=local)
-        g, loc = res if local else (res, None)
-        bad = ~torch.isfinite(g).all(dim=-1)
-        if loc is not None:
-            bad |= ~torch.isfinite(loc).all(dim=-1).all(dim=-1)
-        if bool(bad.any()):
-            k = batch[int(bad.nonzero()[0, 0])][0]
-            raise ImageLoadError(f"image {printable(source.ids[indices[k]])} gives non-finite features on "
-                                 f"{encoder.describe()}")
-        store.write(batch, g, loc)
+    n_todo = sum(len(b) for b in todo)
+    start = (f"encoding {n_todo:,} augmented views ({len(indices)} images x {views}) with {encoder.spec}"
+             + ("" if store.folder is None else " — stored for later runs"))
+    with _progress(n_todo, "encoding views", "views", progress, start=start) as bar:
+        for batch in todo:
+            tensors = []
+            for k, v in batch:
+                if loaded is None or loaded[0] != k:
+                    loaded = (k, source.load(indices[k]))
+                tensors.append(augment(loaded[1], view_rng(seed, k, v), geo))
+            res = encoder.encode_images(torch.stack(tensors), local=local)
+            g, loc = res if local else (res, None)
+            bad = ~torch.isfinite(g).all(dim=-1)
+            if loc is not None:
+                bad |= ~torch.isfinite(loc).all(dim=-1).all(dim=-1)
+            if bool(bad.any()):
+                k = batch[int(bad.nonzero()[0, 0])][0]
+                raise ImageLoadError(f"image {printable(source.ids[indices[k]])} gives non-finite features on "
+                                     f"{encoder.describe()}")
+            store.write(batch, g, loc)
+            bar.update(len(batch))
     return store
