@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         commands += [["score", "--detector", "shapes.vlmood", "--images", name, "--out", f"{name}.csv"]
                      for name in ("fresh-id", "other-shapes", "empty")]
         for cmd in commands:
-            say("$ vlmood " + " ".join(shlex.quote(c) for c in cmd))
+            say("$ vlmood " + " ".join(shlex.quote(c) for c in cmd).replace(str(toyworld.lexicon_dir()),
+                                                                              "<toy lexicon>"))
             run = subprocess.run([sys.executable, "-m", "vlmood", *cmd], cwd=root, capture_output=True, text=True)
             for ln in (run.stdout + run.stderr).splitlines():
                 say("  " + ln.replace(str(toyworld.lexicon_dir()), "<toy lexicon>"))

@@ -11,7 +11,7 @@ from typing import Any
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 
-def execute(name: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None) -> Any:
+def execute(name: str, cwd: Path, timeout: int = 600) -> Any:
     """Run ``notebooks/<name>`` top to bottom in a fresh kernel started in ``cwd``; returns the executed notebook
     (``nbformat.NotebookNode``). A cell error raises ``nbclient.exceptions.CellExecutionError`` with the cell's
     traceback. The kernel spec is written under ``cwd`` so that it is this interpreter, whatever Jupyter setup the
@@ -24,12 +24,13 @@ def execute(name: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "vlmood tests", "language": "python"}))
-    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "VLMOOD_CACHE", "MPLBACKEND", *(env or {}))}
-    os.environ["JUPYTER_PATH"] = str(cwd / ".jupyter-data")
-    os.environ["VLMOOD_CACHE"] = str(cwd / "vlmood-cache")
-    os.environ.pop("MPLBACKEND", None)  # the kernel picks Jupyter's inline backend, as for a user
-    os.environ.update(env or {})
+    isolated = {"JUPYTER_PATH": str(cwd / ".jupyter-data"), "VLMOOD_CACHE": str(cwd / "vlmood-cache"),
+                "IPYTHONDIR": str(cwd / ".ipython"),  # no user profile, startup files or history
+                "JUPYTER_RUNTIME_DIR": str(cwd / ".jupyter-runtime")}
+    saved = {k: os.environ.get(k) for k in (*isolated, "MPLBACKEND")}
     try:
+        os.environ.update(isolated)
+        os.environ.pop("MPLBACKEND", None)  # the kernel picks Jupyter's inline backend, as for a user
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         NotebookClient(nb, timeout=timeout, kernel_name="vlmood-test", resources={"metadata": {"path": str(cwd)}},
                        record_timing=False).execute()

@@ -140,9 +140,18 @@ def test_other_caches_are_listed_and_foreign_files_left_alone(filled, tiny):
     rows = cache_info()
     assert [r["entries"] for r in by(rows, kind="lvlm")] == [3]
     assert [r["entries"] for r in by(rows, kind="tuning-views")] == [10]
+    # replies are aged one by one, and files vlmood did not write in lvlm/ stay
+    old = sorted((filled / "lvlm").rglob("*.json"))[0]
+    os.utime(old, (time.time() - 3 * DAY, time.time() - 3 * DAY))
+    (filled / "lvlm" / "my-weights.bin").write_bytes(b"w")
+    (old.parent / "notes.txt").write_text("mine")
+    done = clear_cache(older_than_days=1)
+    assert [(r["kind"], r["entries"]) for r in done["removed"]] == [("lvlm", 1)] and not old.exists()
+    assert [r["entries"] for r in by(cache_info(), kind="lvlm")] == [2]
     done = clear_cache()
-    assert len(done["removed"]) == 6 and cache_info() == []
+    assert len(done["removed"]) == 6 and [r["kind"] for r in cache_info()] == ["lvlm"]
     assert (filled / "my-notes.txt").is_file() and (filled / "text" / "not-a-namespace").is_dir()
+    assert (filled / "lvlm" / "my-weights.bin").is_file() and (old.parent / "notes.txt").is_file()
 
 
 def test_symlinks_out_of_the_root_are_not_followed(filled, tiny, tmp_path):
@@ -175,3 +184,25 @@ def test_clear_waits_for_a_writer_holding_the_index_lock(filled, tiny, other):
         assert folder.is_dir() and not result  # still waiting for the writer
     t.join(10)
     assert len(result["removed"]) == 1 and not folder.exists()
+
+
+def test_cli_cache_info_and_clear(filled, tiny, other, capsys):
+    from vlmood.cli import main
+
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    rows = cache_info()
+    assert f"total: {len(rows)} folder(s), {sum(r['entries'] for r in rows)} entries" in out
+    assert tiny.fingerprint in out and other.fingerprint in out
+    prefix = other.fingerprint.rsplit(":", 1)[-1][:8]  # a prefix of its weights hash
+    assert main(["cache", "clear", "--encoder", prefix]) == 0
+    assert "removed 1 folder(s), 5 entries" in capsys.readouterr().out
+    assert {r["fingerprint"] for r in cache_info()} == {r["fingerprint"] for r in rows} - {other.fingerprint}
+    assert main(["cache", "clear", "--encoder", "zzzz"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "zzzz" in err
+    assert main(["cache", "clear", "--older-than", "-1"]) == 2
+    assert main(["cache", "clear", "--older-than", "1"]) == 0  # everything was written just now
+    assert "removed 0 folder(s)" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0
+    assert cache_info() == [] and "the cache in" in (main(["cache", "info"]) or capsys.readouterr().out)

@@ -151,3 +151,21 @@ def test_registry_names_and_architecture_tokenizers(tmp_path):
         register_model("open_clip:x", lambda: None)
     with pytest.raises(InvalidInputError, match=r"must start with 'open_clip:' or 'hf:'.*or be a model name: .*toyworld"):
         parse_spec("ViT-B-16")
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    """README's two commands (install + main job, tests) are the commands .ci/run executes, in that order."""
+    import re
+
+    root = Path(__file__).parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    blocks = {}
+    for head in ("## Install and run the main job", "## Tests"):
+        section = readme.split(head, 1)[1]
+        blocks[head] = re.search(r"```bash\n(.*?)\n```", section, re.S).group(1).strip()
+    assert blocks["## Install and run the main job"] == 'pip install -e ".[dev]" && vlmood demo --report vlmood-demo'
+    assert blocks["## Tests"] == "pytest -q"
+    ci = [ln.strip() for ln in (root / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    commands = [ln for ln in ci if ln and not ln.startswith(("#", "set ", "cd ", "export ", "if ", "(", "fi", "echo"))
+                and not ln.startswith(("apt-get", "||"))]
+    assert commands == list(blocks.values())

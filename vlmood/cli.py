@@ -759,8 +759,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
           f"{kept}/{n} ({100 * kept / n:.2f}%; target {100 * args.tpr:.4g}%)"
           + (f"; {n - int(finite.sum())} image(s) with non-finite features left out" if not finite.all() else ""))
     spread = 2 * math.sqrt(args.tpr * (1 - args.tpr) / n)
-    print(f"on new ID images like these, expect a TPR of about {100 * args.tpr:.4g}% +/- {100 * spread:.2g} points "
-          f"(binomial 2 sigma for {n} calibration images)")
+    print(f"on new ID images like these, expect a TPR of about {100 * args.tpr:.4g}% (+/- {100 * spread:.2g} points, "
+          f"2 sigma, from {n} calibration images; a finite test set adds its own sampling noise)")
     if feats.labels is not None:
         from .data import map_labels
 
@@ -1047,16 +1047,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _save_detectors(detectors: dict[str, Any], report: Any, folder: Path, tpr: float = 0.95) -> None:
     """Each evaluated detector, calibrated at ``tpr`` on its finite ID scores of ``report``, as
     ``folder/<label>.vlmood`` (labels made file-safe; two labels never share a file)."""
-    from .evaluation.report import _slug
+    from .evaluation.report import unique_stems
 
     folder.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
+    stems = unique_stems(detectors)
     for label, det in detectors.items():
-        stem, k = _slug(label), 1
-        while stem.lower() in used:
-            k += 1
-            stem = f"{_slug(label)}-{k}"
-        used.add(stem.lower())
+        stem = stems[label]
         det.calibrate(report.scores[label]["ID"], tpr)  # the report's threshold column, now on the detector
         path = det.save(folder / f"{stem}.vlmood")
         print(f"saved {printable(label)} (threshold {det.threshold_:.6g} at {100 * tpr:.4g}% TPR) to "

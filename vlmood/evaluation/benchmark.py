@@ -7,7 +7,6 @@ import inspect
 import json
 import os
 import sys
-from pathlib import Path
 import time
 import warnings
 from dataclasses import dataclass
@@ -353,7 +352,7 @@ class Benchmark:
         from .. import __version__
 
         argv = [a for a in sys.argv if a]
-        if argv and Path(argv[0]).name == "ipykernel_launcher.py":  # its argv names a kernel, not the call
+        if "ipykernel" in sys.modules:  # a kernel's argv (launcher, -f connection file) says nothing of the call
             argv = ["Benchmark.run in a Jupyter kernel"]
         enc = None
         if encoder is not None:

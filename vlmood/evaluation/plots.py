@@ -48,14 +48,17 @@ def _figure(**kw: Any) -> ReportFigure:
 
 
 def to_png(fig: Figure, dpi: int = DPI) -> bytes:
-    """The PNG bytes of ``fig``, rendered with the Agg canvas (no pyplot, no global backend), with a 256-colour
-    palette: plots have few colours, and the files (and notebooks that show them) get 2-4x smaller."""
+    """The PNG bytes of ``fig``, rendered with the Agg canvas (no pyplot, no global backend). Figures without
+    pictures get a 256-colour palette: plots have few colours, and the files (and notebooks that show them) get 2-4x
+    smaller; figures that show images (galleries) keep full colour."""
     from PIL import Image
 
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
+    if any(ax.images for ax in fig.axes):
+        return buf.getvalue()
     buf.seek(0)
     out = io.BytesIO()
     with Image.open(buf) as im:

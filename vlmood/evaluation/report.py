@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -33,8 +34,33 @@ def _cell(s: Any) -> str:
 
 
 def _plain(s: Any) -> str:
-    """Text for a plot: printable, with ``$`` escaped so matplotlib does not parse a name as mathtext."""
-    return printable(str(s)).replace("$", r"\$")
+    """Text for a plot: printable, with ``$`` escaped so matplotlib does not parse a name as mathtext, and a leading
+    ``_`` behind a zero-width space so matplotlib does not drop the name from a legend (``_x`` labels are hidden)."""
+    text = printable(str(s)).replace("$", r"\$")
+    return "\u200b" + text if text.startswith("_") else text
+
+
+def _str_dict(value: Any, where: Any, key: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"{where}: {key!r} must be an object of strings")
+    return value
+
+
+def unique_stems(labels: Any) -> dict[str, str]:
+    """A file-name stem per label (:func:`_slug`), ``-2``, ``-3``... added where two labels would share one,
+    compared case-insensitively (``MCM`` and ``mcm`` are one file on macOS and Windows)."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for label in labels:
+        stem, k = _slug(label), 1
+        while stem.casefold() in used:
+            k += 1
+            stem = f"{_slug(label)}-{k}"
+        used.add(stem.casefold())
+        out[label] = stem
+    return out
 
 
 def _clean(obj: Any) -> Any:
@@ -195,8 +221,7 @@ class Report:
             out.append("| " + " | ".join(cells) + " |")
         if self.descriptions:
             out += ["", "## Methods", ""]
-            order = [m for m in self.scores if m in self.descriptions]
-            order += [m for m in self.descriptions if m not in self.scores]
+            order = [m for m in self.scores if m in self.descriptions]  # only rows the report has
             out += [f"- `{printable(m)}`: {printable(self.descriptions[m])}" for m in order]
         out += ["", "## All OOD sets (percent)", ""]
         head = ["method", "group", "dataset"] + [_HEAD[k] for k in METRICS]
@@ -348,8 +373,19 @@ class Report:
                   labels=labels if any(lb is not None for lb in labels) else None, all_scores=all_scores,
                   predictions=preds if any(p is not None for v in preds.values() for p in v) else {},
                   provenance=data.get("provenance", {}),
-                  thresholds=data.get("thresholds") or {},
-                  descriptions=data.get("descriptions", {}))
+                  descriptions=_str_dict(data.get("descriptions", {}), folder / "results.json", "descriptions"))
+        # thresholds are recomputed from the per-image scores (exact and cheap); a stored value that differs (an
+        # edited or stale results.json) is named rather than shown as fact
+        stored = data.get("thresholds") or {}
+        if not isinstance(stored, dict):
+            raise InvalidInputError(f"{folder / 'results.json'}: 'thresholds' must be an object, got "
+                                    f"{type(stored).__name__}")
+        differ = [m for m, t in rep.thresholds.items() if m in stored and not (
+            stored[m] is None and t is None or isinstance(stored[m], (int, float)) and t is not None
+            and abs(stored[m] - t) <= 1e-9 * max(1.0, abs(t)))]
+        if differ:
+            warnings.warn(f"{folder / 'results.json'}: stored thresholds of {', '.join(differ)} differ from those of "
+                          "scores.csv; using the ones recomputed from scores.csv", stacklevel=2)
         return rep
 
     def recompute(self) -> Recomputed:
@@ -387,13 +423,7 @@ class Report:
         from . import plots
 
         figs = plots.Figures(comparison=plots.comparison(self))
-        used: set[str] = set()
-        for m in self.scores:
-            stem, k = _slug(m), 1
-            while stem in used:  # two method labels with the same slug must not overwrite each other's plots
-                k += 1
-                stem = f"{_slug(m)}-{k}"
-            used.add(stem)
+        for m, stem in unique_stems(self.scores).items():  # two labels never overwrite each other's plots
             figs[f"hist_{stem}"] = plots.histograms(self, m)
         figs["roc"] = plots.roc(self)
         if folder is not None:

@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import sys
 import time
 import uuid
@@ -516,6 +517,37 @@ def _remove(row: dict[str, Any]) -> str | None:
     return "; ".join(errors) or None
 
 
+def _remove_replies(row: dict[str, Any], cutoff: float | None) -> tuple[dict[str, Any], str | None]:
+    """Remove the LVLM reply files (``lvlm/<2 hex>/<64 hex>.json``) written before ``cutoff`` (all: None), then the
+    sub-folders left empty (and ``lvlm/`` when empty); never other files. Returns (what was removed, as a row; errors)."""
+    folder = Path(row["path"])
+    gone = {"kind": "lvlm", "path": str(folder), "fingerprint": UNKNOWN, "spec": None, "precision": None,
+            "detail": row["detail"], "entries": 0, "bytes": 0, "modified": None}
+    errors = []
+    for sub in _subdirs(folder):
+        if not _is_hex(sub.name, 2):
+            continue
+        for f in sorted(sub.iterdir()):
+            try:
+                st = f.lstat()
+                if not (f.suffix == ".json" and _is_hex(f.stem, 64) and stat.S_ISREG(st.st_mode)) or \
+                        (cutoff is not None and st.st_mtime >= cutoff):
+                    continue
+                f.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                errors.append(f"{printable(str(f))}: {e.strerror or e}")
+                continue
+            gone["entries"] += 1
+            gone["bytes"] += st.st_size
+        with contextlib.suppress(OSError):
+            sub.rmdir()  # only when empty
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when empty
+    return gone, "; ".join(errors) or None
+
+
 def _modified(row: dict[str, Any]) -> float:
     """A row's newest file mtime, else (an empty folder) the folder's own."""
     if row["modified"] is not None:
@@ -553,15 +585,18 @@ def clear_cache(encoder: str | None = None, older_than_days: float | None = None
     if encoder is not None:
         fp = _match_encoder(rows, encoder)
         chosen = [r for r in chosen if r["fingerprint"] == fp]
-    if older_than_days is not None:
-        cutoff = time.time() - older_than_days * 86400.0
-        chosen = [r for r in chosen if _modified(r) < cutoff]
+    cutoff = None if older_than_days is None else time.time() - older_than_days * 86400.0
+    if cutoff is not None:  # the replies folder is aged reply by reply (_remove_replies)
+        chosen = [r for r in chosen if r["kind"] == "lvlm" or _modified(r) < cutoff]
     removed, errors = [], []
     for r in chosen:
-        err = _remove(r)
+        if r["kind"] == "lvlm":
+            r, err = _remove_replies(r, cutoff)
+        else:
+            err = _remove(r)
         if err:
             errors.append(err)
-        else:
+        elif r["entries"] or r["kind"] != "lvlm":
             removed.append(r)
     return {"removed": removed, "entries": sum(r["entries"] for r in removed),
             "bytes": sum(r["bytes"] for r in removed), "errors": errors}
