@@ -153,3 +153,38 @@ def test_score_reads_hf_datasets_with_named_columns(tmp_path, capsys):
     assert "has no label column 'kind'" in capsys.readouterr().err
     assert main(["score", "--model", "toyworld", "--classes", CLASSES, "--images", src, "--out", str(out)]) == 2
     assert "has no image column 'image'" in capsys.readouterr().err
+
+
+def test_deploy_review_cases(world, tmp_path, capsys, tiny):
+    """calibrate never overwrites its --id manifest; a detector scored with another model's encoder drops the saved
+    threshold (is_ood empty, the warning says why); eval's --label-column applies to the ID dataset only."""
+    datasets = pytest.importorskip("datasets")
+    man = tmp_path / "man.csv"
+    man.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted((world / "calib").rglob("*.png"))[:8]))
+    assert main(["calibrate", "--model", "toyworld", "--classes", CLASSES, "--id", str(man), "--out", str(man)]) == 2
+    assert "is the --id manifest itself" in capsys.readouterr().err and man.read_text().startswith("path,label")
+
+    det_file = tmp_path / "m.vlmood"
+    assert main(["calibrate", "--model", "toyworld", "--classes", CLASSES, "--id", str(man), "--out",
+                 str(det_file)]) == 0
+    ckpt = tmp_path / "tiny.safetensors"
+    tiny.save(ckpt)
+    out = tmp_path / "other.csv"
+    assert main(["score", "--detector", str(det_file), "--model", f"open_clip:vlmood-tiny-vit@{ckpt}", "--images",
+                 str(world / "ood"), "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert "is dropped: calibrate again on this one" in cap.err and "no threshold: is_ood left empty" in cap.out
+    assert {r["is_ood"] for r in _rows(out)} == {""}
+
+    imgs, labels = toyworld.load_images(8, 6)
+    for name, cols in (("id", {"picture": imgs, "shape": labels}), ("ood", {"picture": imgs})):
+        feats = {"picture": datasets.Image(), **({"shape": datasets.Value("string")} if "shape" in cols else {})}
+        datasets.Dataset.from_dict(cols, features=datasets.Features(feats)).save_to_disk(str(tmp_path / name))
+    assert main(["eval", "--model", "toyworld", "--classes", CLASSES, "--id", f"hf:{tmp_path / 'id'}",
+                 "--ood", f"near=hf:{tmp_path / 'ood'}", "--image-column", "picture", "--label-column", "shape",
+                 "--report", str(tmp_path / "rep")]) == 0
+    rep = vlmood.Report.load(tmp_path / "rep")
+    assert rep.labels == labels and rep.id_accuracy["mcm"] is not None
+    assert main(["score", "--model", "toyworld", "--classes", CLASSES, "--images", f"hf:{tmp_path / 'id'}",
+                 "--image-column", "picture", "--label-column", "", "--out", str(out)]) == 2
+    assert "--label-column is empty" in capsys.readouterr().err

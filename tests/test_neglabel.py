@@ -253,7 +253,8 @@ def test_cli_mine_negatives(tiny, small_lexicon, tmp_path):
                  "--out", str(tmp_path / "x.txt")]) == 2
     assert main(["mine-negatives", "--model", spec, "--classes", "cat,dog", "--lexicon", "nope",
                  "--out", str(tmp_path / "x.txt")]) == 2
-    assert main(["mine-negatives", "--model", spec, "--classes", "cat,dog", "--out", str(tmp_path / "x.json")]) == 2
+    for name in ("x.json", "x.csv", "x"):  # only a word list (.txt) or a detector (.vlmood), never a guess
+        assert main(["mine-negatives", "--model", spec, "--classes", "cat,dog", "--out", str(tmp_path / name)]) == 2
 
 
 # ------------------------------------------------------------------ CSP pool against the reference's rule

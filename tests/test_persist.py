@@ -133,7 +133,22 @@ def test_another_encoder_warns_once_and_recomputes(world, kind, tmp_path):
     assert torch.equal(back.text_features, fresh.text_features)
     assert not torch.equal(back.text_features, det.text_features)
     assert np.array_equal(back.score(world["images"]), fresh.score(world["images"]))
-    assert (back.threshold_, back.tpr_) == (det.threshold_, 0.8)  # kept as saved
+    # the threshold was calibrated on the other model's scores: dropped, and the warning says so
+    assert (back.threshold_, back.tpr_) == (None, None) and det.threshold_ is not None
+    assert f"its threshold ({det.threshold_:.6g}) was calibrated on that model's scores and is dropped" in msgs[0]
+
+
+def test_encoder_spec_string_recorded_precision_and_bad_encoder(world, tmp_path):
+    det = build(world, "mcm")
+    det.calibrate(det.score(world["images"]), tpr=0.9)
+    path = det.save(tmp_path / "det.vlmood")
+    back = vlmood.load_detector(path, str(world["enc"].spec))  # a spec string loads that model
+    assert back.encoder.fingerprint == world["enc"].fingerprint and back.threshold_ == det.threshold_
+    assert back.encoder.precision == "fp32"  # the recorded precision
+    with pytest.warns(UserWarning, match=r"calibrated at fp32 and is scored at bf16"):
+        vlmood.load_detector(path, precision="bf16")
+    with pytest.raises(InvalidInputError, match=r"^encoder must be an Encoder, a model spec or None, got int$"):
+        vlmood.load_detector(path, 3)
 
 
 def test_neglabel_json_of_earlier_versions_loads(world, tmp_path):

@@ -568,15 +568,18 @@ def _params_help() -> str:
     return "; ".join(f"{k}: {', '.join(method_params(k)) or '-'}" for k in DETECTORS)
 
 
-def _source_arg(args: argparse.Namespace, source: Any) -> Any:
+def _source_arg(args: argparse.Namespace, source: Any, labelled: bool = True) -> Any:
     """A ``--images``/``--id``/``--ood`` value for :func:`vlmood.data.as_source`: ``hf:`` datasets opened with
-    ``--image-column``/``--label-column``, everything else as given (scanned later, before the model loads)."""
+    ``--image-column`` and (``labelled`` sources only: not OOD sets) ``--label-column``; everything else as given
+    (scanned later, before the model loads)."""
     if not (isinstance(source, str) and source.startswith("hf:")):
         return source
     from .data import as_source
 
-    src = as_source(source, image_column=args.image_column or "image", label_column=args.label_column or "label")
-    if args.label_column and src.labels is None and args.label_column not in getattr(src.ds, "column_names", []):
+    column = args.label_column if labelled else None
+    src = as_source(source, image_column=args.image_column if args.image_column is not None else "image",
+                    label_column=column if column is not None else "label" if labelled else None)
+    if column is not None and src.labels is None and column not in getattr(src.ds, "column_names", []):
         raise _UsageError(f"dataset {printable(source)!r} has no label column {args.label_column!r}; columns: "
                           f"{src.ds.column_names}")
     return src
@@ -640,9 +643,9 @@ def _extract(args: argparse.Namespace, encoder: Any, source: Any, local: bool) -
     return feats
 
 
-def _check_not_manifest(images: Any, out: Path) -> None:
+def _check_not_manifest(images: Any, out: Path, flag: str = "--images") -> None:
     if isinstance(images, str) and Path(images).is_file() and os.path.realpath(images) == os.path.realpath(out):
-        raise _UsageError(f"--out {printable(str(out))} is the --images manifest itself; it would be overwritten")
+        raise _UsageError(f"--out {printable(str(out))} is the {flag} manifest itself; it would be overwritten")
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -651,7 +654,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     # cheap checks first: arguments, then paths, then the model (a typo should not wait for a model to load)
     _check_counts(args)
-    _require_nonempty(args, "--images", "--classes", "--templates", "--prompts", "--no", "--detector", "--model")
+    _require_nonempty(args, "--images", "--classes", "--templates", "--prompts", "--no", "--detector", "--model",
+                      "--image-column", "--label-column")
     _check_columns(args, [args.images])
     if args.detector is not None:
         return _score_saved(args)
@@ -691,8 +695,13 @@ def _score_saved(args: argparse.Namespace) -> int:
     out = _check_output_file(args.out, "--out")
     _check_not_manifest(args.images, out)
     source = as_source(_source_arg(args, args.images))
-    encoder = load_encoder(spec, device=args.device, precision=args.precision)
-    det = load_detector(args.detector, encoder)
+    precision = args.precision
+    if precision is None and args.model is None:  # the recorded model at the precision its threshold was set at
+        from .detectors.persist import _usable_precision
+
+        precision = _usable_precision(recorded.get("precision"), args.device)
+    encoder = load_encoder(spec, device=args.device, precision=precision)
+    det = load_detector(args.detector, encoder)  # another model's fingerprint: warns, drops the threshold
     if det.needs_local:
         encoder.require_local()
     thr = args.threshold if args.threshold is not None else det.threshold_
@@ -720,8 +729,8 @@ def _write_scores(args: argparse.Namespace, det: Any, source: Any, out: Path, th
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path" if isinstance(source, PathSource) else "id", "class", "score", "is_ood", "error"])
     for i in source.ids:
-        if i in errors or i not in row:  # not in row: features that were not finite are scored NaN, never dropped
-            w.writerow([printable(i), "", "", "", printable(errors.get(i, "not scored"))])
+        if i in errors:  # unreadable, or features that were not finite (extract_features records both)
+            w.writerow([printable(i), "", "", "", printable(errors[i])])
             continue
         k = row[i]
         is_ood = "" if flagged is None else int(flagged[k])
@@ -739,12 +748,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .encoders import load_encoder
 
     _check_counts(args)
-    _require_nonempty(args, "--id", "--classes", "--templates", "--prompts", "--no")
+    _require_nonempty(args, "--id", "--classes", "--templates", "--prompts", "--no", "--image-column",
+                      "--label-column")
     _check_columns(args, [args.id])
     if not 0.0 < args.tpr <= 1.0:
         raise _UsageError(f"--tpr must be in (0, 1], got {args.tpr}")
     plan = _detector_plan(args)
     out = _check_output_file(args.out, "--out")
+    _check_not_manifest(args.id, out, "--id")
     source = as_source(_source_arg(args, args.id))
     encoder = load_encoder(plan["spec"], device=args.device, precision=args.precision)
     det = _build_detector(args, plan, encoder)
@@ -757,7 +768,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     n, kept = len(scores), int(np.sum(scores >= thr))
     print(f"calibrated {plan['label']} on {n} ID image(s) of {printable(source.name)}: threshold {thr:.6g} keeps "
           f"{kept}/{n} ({100 * kept / n:.2f}%; target {100 * args.tpr:.4g}%)"
-          + (f"; {n - int(finite.sum())} image(s) with non-finite features left out" if not finite.all() else ""))
+          + (f"; {n - int(finite.sum())} image(s) with non-finite scores left out" if not finite.all() else ""))
     spread = 2 * math.sqrt(args.tpr * (1 - args.tpr) / n)
     print(f"on new ID images like these, expect a TPR of about {100 * args.tpr:.4g}% (+/- {100 * spread:.2g} points, "
           f"2 sigma, from {n} calibration images; a finite test set adds its own sampling noise)")
@@ -980,7 +991,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     methods = _parse_methods(args.methods)
     params = _method_params(args.param, methods, args.seed, scoped=True)
     _require_nonempty(args, "--suite", "--root", "--classes", "--id", "--templates", "--prompts", "--no",
-                      "--save-detectors")
+                      "--save-detectors", "--image-column", "--label-column")
     spec = parse_spec(args.model)
     clipn = _clipn_methods(methods)
     _check_no(args, spec, clipn, f"--methods {args.methods}")
@@ -1017,7 +1028,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         _check_columns(args, [args.id, *(src for g in ood.values() for src in g.values())])
         _check_output_dir(args.report, "--report")
         bench = Benchmark(id=_source_arg(args, args.id), classes=classes, templates=args.templates,
-                          ood={g: {n: _source_arg(args, src) for n, src in sets.items()} for g, sets in ood.items()},
+                          ood={g: {n: _source_arg(args, src, labelled=False) for n, src in sets.items()}
+                               for g, sets in ood.items()},
                           name=f"{spec}", on_error=args.on_error)
     if learned is not None:
         learned.check_classes(bench.classes)
@@ -1044,19 +1056,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_detectors(detectors: dict[str, Any], report: Any, folder: Path, tpr: float = 0.95) -> None:
-    """Each evaluated detector, calibrated at ``tpr`` on its finite ID scores of ``report``, as
-    ``folder/<label>.vlmood`` (labels made file-safe; two labels never share a file)."""
-    from .evaluation.report import unique_stems
+def _save_detectors(detectors: dict[str, Any], report: Any, folder: Path) -> None:
+    """Each evaluated detector with the report's threshold (``Report.thresholds``: at ``TPR`` on its finite ID
+    scores), as ``folder/<label>.vlmood`` (labels made file-safe; two labels never share a file)."""
+    from .evaluation.report import TPR, unique_stems
 
     folder.mkdir(parents=True, exist_ok=True)
     stems = unique_stems(detectors)
     for label, det in detectors.items():
-        stem = stems[label]
-        det.calibrate(report.scores[label]["ID"], tpr)  # the report's threshold column, now on the detector
-        path = det.save(folder / f"{stem}.vlmood")
-        print(f"saved {printable(label)} (threshold {det.threshold_:.6g} at {100 * tpr:.4g}% TPR) to "
-              f"{printable(str(path))}")
+        thr = report.thresholds.get(label)
+        if thr is None:
+            print(f"vlmood: not saving {printable(label)}: no finite ID score to calibrate on", file=sys.stderr)
+            continue
+        det.threshold_, det.tpr_ = thr, TPR
+        path = det.save(folder / f"{stems[label]}.vlmood")
+        print(f"saved {printable(label)} (threshold {thr:.6g} at {100 * TPR:.4g}% TPR) to {printable(str(path))}")
 
 
 def _given(args: argparse.Namespace, flag: str) -> bool:
@@ -1292,10 +1306,11 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
         raise _UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
     if args.ngroups < 1:
         raise _UsageError(f"--ngroups must be >= 1, got {args.ngroups}")
-    if out.suffix.lower() == ".json":
-        raise _UsageError("--out: detectors are saved as .vlmood files now (one format for every detector: "
-                          "safetensors + JSON metadata); use --out FILE.vlmood, or FILE.txt for the word list")
-    detector = out.suffix.lower() != ".txt"
+    if out.suffix.lower() not in (".txt", ".vlmood"):
+        raise _UsageError(f"--out {printable(args.out)}: give FILE.txt (the word list) or FILE.vlmood (a detector: "
+                          "one format for every detector, safetensors + JSON metadata; .json files are no longer "
+                          "written)")
+    detector = out.suffix.lower() == ".vlmood"
     if args.seed is not None and not detector:
         raise _UsageError("--seed sets the grouping a saved detector scores with; a .txt list of negatives has none")
     lexicons.load(args.lexicon)  # a bad lexicon fails before the model loads

@@ -316,6 +316,9 @@ def portable_spec(encoder: "Encoder") -> str:
             continue
     if getattr(spec, "checkpoint", None) is not None and not Path(spec.checkpoint).is_absolute():
         return str(type(spec)(spec.backend, spec.name, spec.pretrained, Path(spec.checkpoint).resolve(), spec.seed))
+    if spec.backend == "hf" and not Path(spec.name).is_absolute() and Path(spec.name).is_dir():  # a local folder
+        return str(type(spec)(spec.backend, str(Path(spec.name).resolve()), spec.pretrained, spec.checkpoint,
+                              spec.seed))
     return str(spec)
 
 

@@ -459,19 +459,33 @@ def load_detector(path: str | os.PathLike, encoder: "Encoder | None" = None, *, 
 
         params = dict(meta["params"])
         generation = params.pop("generation")
+        if set(generation) & set(params):
+            raise InvalidInputError(f"{name}: invalid field 'params.generation': it repeats "
+                                    f"{', '.join(sorted(set(generation) & set(params)))}")
         det = _build(lambda: LVLMDetector(build_client(meta["lvlm"], client, device, cache, name), meta["classes"],
                                           **params, **generation), name)
     else:
         rec = meta["encoder"]
-        if encoder is None:
+        if encoder is None or isinstance(encoder, (str, os.PathLike)):
             from ..encoders import load_encoder
 
-            encoder = load_encoder(rec["spec"], device=device, precision=precision)
+            # the recorded precision by default: the threshold was calibrated on scores of that precision
+            encoder = load_encoder(rec["spec"] if encoder is None else os.fspath(encoder), device=device,
+                                   precision=precision or _usable_precision(rec["precision"], device))
+        elif not hasattr(encoder, "fingerprint"):
+            raise InvalidInputError(f"encoder must be an Encoder, a model spec or None, got {type(encoder).__name__}")
         same = encoder.fingerprint == rec["fingerprint"]
         if not same:
+            dropped = "" if meta["threshold"] is None else (
+                f"; its threshold ({meta['threshold']:.6g}) was calibrated on that model's scores and is dropped: "
+                "calibrate again on this one")
             warnings.warn(f"{name} was saved with {rec['spec']} (fingerprint {rec['fingerprint']}) but is loaded "
-                          f"with {encoder.spec} (fingerprint {encoder.fingerprint}): its text side is recomputed",
-                          stacklevel=2)
+                          f"with {encoder.spec} (fingerprint {encoder.fingerprint}): its text side is recomputed"
+                          f"{dropped}", stacklevel=2)
+            meta = {**meta, "threshold": None, "tpr": None}
+        elif meta["threshold"] is not None and rec["precision"] and encoder.precision != rec["precision"]:
+            warnings.warn(f"{name} was calibrated at {rec['precision']} and is scored at {encoder.precision}: scores "
+                          "shift slightly, so the kept ID fraction may differ a little from its TPR", stacklevel=2)
         from safetensors.torch import load_file
 
         arrays = load_file(str(p))
@@ -480,6 +494,15 @@ def load_detector(path: str | os.PathLike, encoder: "Encoder | None" = None, *, 
         det = _build_clip(cls, meta, arrays, encoder, cache, name, overrides, use_arrays)
     det.threshold_, det.tpr_ = meta["threshold"], meta["tpr"]
     return det
+
+
+def _usable_precision(precision: str | None, device: Any) -> str | None:
+    """The recorded precision to load with: fp32 anywhere; bf16/fp16 on CUDA only (on a CPU they are emulated and
+    slow: None, the CPU's fp32, and load_detector warns that the scores shift slightly)."""
+    if precision in (None, "fp32"):
+        return precision
+    want = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return precision if want.startswith("cuda") else None
 
 
 def _build(make: Any, name: str) -> Any:

@@ -23,6 +23,7 @@ With ReGuide, stage 1 lists all ID classes once per image and every stage-2 batc
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -355,6 +356,8 @@ def client_config(client: Any) -> dict[str, Any]:
         return {"client": "openai", **{k: getattr(client, k) for k in _OPENAI_KEYS}, **common}
     model = getattr(getattr(client, "model", None), "name_or_path", "") if hf is not None else ""
     if hf is not None and isinstance(client, hf.TransformersClient) and model:
+        if not os.path.isabs(str(model)) and os.path.isdir(str(model)):  # a local folder: loads from anywhere
+            model = os.path.abspath(str(model))
         return {"client": "transformers", "model": str(model), "batch_size": client.batch_size,
                 "max_new_tokens": client.params.max_tokens, "temperature": client.params.temperature, **common}
     return {"client": "custom", "type": type(client).__name__, **common}

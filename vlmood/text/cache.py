@@ -484,7 +484,9 @@ def _match_encoder(rows: list[dict[str, Any]], encoder: str) -> str:
     q = encoder.strip()
     if q in known:
         return q
-    hits = [fp for fp in known if q and (fp.startswith(q) or fp.rsplit(":", 1)[-1].startswith(q))]
+    # the weights hash of the fingerprint's own model (CLIPN's no side "clipn-no:<hash>|<base>" also ends with its
+    # base model's hash, which must not make a base-model prefix ambiguous)
+    hits = [fp for fp in known if q and (fp.startswith(q) or fp.split("|", 1)[0].rsplit(":", 1)[-1].startswith(q))]
     if len(hits) == 1:
         return hits[0]
     listed = ", ".join(known) if known else "none"
