@@ -1,15 +1,20 @@
 """NegLabel costs on CPU with a random-init ViT-B-32 (timings depend on shapes, not on training).
 
 Usage: python benchmarks/neglabel.py [--arch ViT-B-32] [--classes imagenet1k] [--images 64]
+                                    [--lexicon-limit N] [--lexicon-only]
 
-Reports: encoding the ~70k-word lexicon cold vs from the cache; mining 1000 classes x 70k words (time and peak
-memory); the number of negatives mined; NegLabel's scoring cost (10k+ negatives, 100 groups) as a fraction of
-image encoding for the same batch.
+Reports: the lexicon's prompts (70,794: nouns ``the nice {}``, adjectives ``This is a {} photo``) encoded alone, cold
+(no cache, a fresh tokeniser, ``compute_text_embeddings`` at the encoder's text batch size), with the tokenisation's
+share (``--lexicon-limit N``: a seeded random sample of N prompts, the full lexicon's time projected from it;
+``--lexicon-only``: stop there); encoding the lexicon in ``NegLabel.fit`` cold vs from the cache; mining 1000 classes
+x 70k words (time and peak memory); the number of negatives mined; NegLabel's scoring cost (10k+ negatives, 100
+groups) as a fraction of image encoding for the same batch.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import resource
 import tempfile
 import time
@@ -25,11 +30,43 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def lexicon_encoding(enc, limit: int | None = None) -> dict:
+    """The NegLabel lexicon's prompts (or a seeded sample of ``limit``) encoded cold: no cache, the tokeniser's BPE
+    cache as a fresh process has it; then the tokenisation alone (warm) for its share. The tokeniser's cache is left
+    as it was found, so the ``NegLabel.fit`` timing after this stays cold."""
+    from vlmood.text.embed import compute_text_embeddings
+    from vlmood.text.prompts import fill, load_templates
+
+    lex = lexicons.load("neglabel")
+    noun, adj = load_templates("neglabel_noun")[0], load_templates("neglabel_adj")[0]
+    prompts = [fill(noun if p == "noun" else adj, w) for w, p in zip(lex.words, lex.pos)]
+    full = len(prompts)
+    if limit is not None and limit < full:
+        prompts = random.Random(0).sample(prompts, limit)
+    cache = getattr(enc.tokenizer, "cache", None)
+    saved = dict(cache) if isinstance(cache, dict) else None
+    t0, c0 = time.perf_counter(), time.process_time()
+    emb = compute_text_embeddings(enc, prompts, progress=False)
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0 = time.perf_counter()
+    _, lengths = enc.tokenize(prompts)
+    tok_warm = time.perf_counter() - t0
+    if saved is not None:
+        cache.clear()
+        cache.update(saved)
+    return {"prompts": len(prompts), "full": full, "seconds": total, "cpu_seconds": cpu, "tokenize_warm_s": tok_warm,
+            "mean_tokens": sum(lengths) / len(lengths), "batch_size": enc.text_batch_size,
+            "finite": bool(torch.isfinite(emb).all()), "full_projected_s": total * full / len(prompts)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="ViT-B-32")
     ap.add_argument("--classes", default="imagenet1k")
     ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--lexicon-limit", type=int, default=None, help="encode a seeded random sample of this many "
+                    "lexicon prompts in the first measurement (the full lexicon's time is projected)")
+    ap.add_argument("--lexicon-only", action="store_true", help="stop after the lexicon encoding measurement")
     args = ap.parse_args()
     os.environ["VLMOOD_CACHE"] = tempfile.mkdtemp(prefix="vlmood-bench-")
 
@@ -38,6 +75,17 @@ def main() -> None:
     lex = lexicons.load("neglabel")
     print(f"lexicon 'neglabel': {len(lex)} words {lex.counts()}; {args.arch} random init; "
           f"{torch.get_num_threads()} CPU threads")
+
+    r = lexicon_encoding(enc, args.lexicon_limit)
+    sample = f" (a random sample of the {r['full']:,})" if r["prompts"] < r["full"] else ""
+    print(f"lexicon encoding alone, cold (no cache, fresh tokeniser; trimmed {enc.precision}, batch {r['batch_size']},"
+          f" {r['mean_tokens']:.1f} tokens per prompt): {r['prompts']:,} prompts{sample} in {r['seconds']:.1f} s = "
+          f"{r['prompts'] / r['seconds']:,.0f} prompts/s ({r['cpu_seconds']:.1f} s of CPU time, all threads), of "
+          f"which tokenisation ~{r['tokenize_warm_s']:.1f} s (warm BPE cache; cold is slower)"
+          + (f"; full lexicon projected {r['full_projected_s']:.0f} s" if sample else ""),
+          flush=True)
+    if args.lexicon_only:
+        return
 
     t0 = time.perf_counter()
     det = vlmood.NegLabel(enc, args.classes)

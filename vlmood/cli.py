@@ -71,7 +71,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                         + ("" if required else " (with --detector: default the model the detector file records)"))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="autocast precision (default: bf16/fp16 on CUDA, fp32 on CPU)")
+                   help="precision of the model's weights and forward (default: bf16/fp16 on CUDA, fp32 on CPU)")
 
 
 def _finite(text: str) -> float:
@@ -159,8 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=_finite, default=None,
                    help="scores below this (and NaN scores) are flagged is_ood=1 (default: the --detector file's "
                         "calibrated threshold; without one, the is_ood column is empty)")
-    s.add_argument("--out", required=True, metavar="CSV", help="output CSV path")
+    s.add_argument("--out", required=True, metavar="CSV|PARQUET",
+                   help="output file: .csv, or .parquet (with --engine ray: also a folder or URI the workers write)")
     _add_source_args(s)
+    s.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (this process, default) or ray: decode in Ray tasks and score in a pool of --workers "
+                        "actors, each loading the model and the fitted detector once (pip install 'vlmood[ray]')")
+    s.add_argument("--address", default=None, metavar="ADDR",
+                   help="--engine ray: the Ray cluster (auto, HOST:6379, ray://HOST:10001; default: $RAY_ADDRESS, or a "
+                        "local Ray started here)")
+    s.add_argument("--num-gpus-per-worker", type=_finite, default=0.0, metavar="G",
+                   help="--engine ray: GPUs per scoring actor (default 0; 0.5 puts two actors on a GPU)")
 
     cb = sub.add_parser("calibrate", help="fit a detector, calibrate its threshold on ID images, save it (.vlmood)",
                         description="Fit a detector, set its threshold so that --tpr of the --id images are kept as "
@@ -657,6 +666,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     _require_nonempty(args, "--images", "--classes", "--templates", "--prompts", "--no", "--detector", "--model",
                       "--image-column", "--label-column")
     _check_columns(args, [args.images])
+    _check_engine(args)
     if args.detector is not None:
         return _score_saved(args)
     if args.model is None:
@@ -711,6 +721,61 @@ def _score_saved(args: argparse.Namespace) -> int:
     return _write_scores(args, det, source, out, thr, f"{det.name} from {printable(args.detector)} ({how})")
 
 
+def _check_engine(args: argparse.Namespace) -> None:
+    """``--engine ray`` options: refused without the engine, checked before any model loads."""
+    ray_only = [f for f, given in (("--address", args.address is not None),
+                                   ("--num-gpus-per-worker", args.num_gpus_per_worker != 0.0)) if given]
+    if args.engine != "ray" and ray_only:
+        raise _UsageError(f"{' and '.join(ray_only)} apply to --engine ray")
+    if args.num_gpus_per_worker < 0:
+        raise _UsageError(f"--num-gpus-per-worker must be >= 0, got {args.num_gpus_per_worker}")
+    if args.engine == "ray":
+        if args.no_cache:
+            raise _UsageError("--no-cache: the ray engine does not use the feature cache; drop --no-cache")
+        suffix = Path(args.out).suffix.lower()
+        if suffix not in (".csv", ".parquet") and "://" not in args.out and Path(args.out).is_file():
+            raise _UsageError(f"--out {printable(args.out)} is a file: give a .csv, a .parquet or a folder")
+    elif Path(args.out).suffix.lower() == ".parquet":
+        raise _UsageError("--out .parquet is written by --engine ray; the local engine writes a .csv")
+
+
+def _write_scores_ray(args: argparse.Namespace, det: Any, source: Any, out: Path, thr: float | None,
+                      label: str) -> int:
+    """``--engine ray``: :func:`vlmood.scale.score_with_ray`; a .csv ``--out`` gets the local engine's columns."""
+    from .scale import score_with_ray
+    from .text.cache import atomic_write_bytes
+
+    det.threshold_ = thr  # the is_ood_<name> column
+    to_csv = out.suffix.lower() == ".csv"
+    res = score_with_ray(source, det.encoder, det, address=args.address, num_workers=args.workers or 2,
+                         num_gpus_per_worker=args.num_gpus_per_worker, batch_size=args.batch_size,
+                         device=args.device, precision=args.precision, out=None if to_csv else str(out))
+    if not to_csv:
+        print(f"scored {len(source)} image(s) with {label} on Ray; wrote {printable(str(res))}")
+        return 0
+    from .data import PathSource
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path" if isinstance(source, PathSource) else "id", "class", "score", "is_ood", "error"])
+    score, flag = f"score_{det.name}", f"is_ood_{det.name}"
+    errors = 0
+    for r in res.sort_values("row").to_dict("records"):  # not itertuples: "class" is a keyword, renamed there
+        err = r.get("error")
+        err = "" if err is None or isinstance(err, float) and math.isnan(err) else str(err)  # pandas: NaN = none
+        errors += bool(err)
+        is_ood = "" if err or thr is None or flag not in r else int(bool(r[flag]))
+        w.writerow([printable(str(r["id"])), "" if err else r["class"], "" if err else f"{r[score]:.8g}", is_ood,
+                    printable(str(err))])
+    atomic_write_bytes(out, buf.getvalue().encode("utf-8"))
+    print(f"scored {len(res) - errors} image(s) with {label} on Ray; {errors} with errors; wrote {printable(str(out))}")
+    if errors and args.on_error == "raise":
+        print("vlmood score: error: some images could not be scored (their rows say why; --on-error skip accepts "
+              "this)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _write_scores(args: argparse.Namespace, det: Any, source: Any, out: Path, thr: float | None, label: str) -> int:
     """Score ``source`` with the fitted ``det``; one CSV row per image of the source, in its order."""
     import numpy as np
@@ -718,6 +783,8 @@ def _write_scores(args: argparse.Namespace, det: Any, source: Any, out: Path, th
     from .data import PathSource
     from .text.cache import atomic_write_bytes
 
+    if args.engine == "ray":
+        return _write_scores_ray(args, det, source, out, thr, label)
     feats = _extract(args, det.encoder, source, det.needs_local)
     scores = det.score_features(feats)
     labels = det.classify_features(feats)

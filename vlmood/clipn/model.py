@@ -355,6 +355,7 @@ class NoTextEncoder:
         enc = model.encoder
         self.spec = f"CLIPN no side of {enc.spec}"
         self.device, self.precision = enc.device, enc.precision
+        self.cache_precision = enc.precision  # the no tower is a float32 copy run under autocast, as before
         self.embed_dim, self.text_batch_size = enc.embed_dim, enc.text_batch_size
         self.exact_text_trimming = True
 

@@ -11,7 +11,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -300,6 +300,34 @@ class Detector:
 
     def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:
         raise NotImplementedError
+
+    def local_reducer(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """For a detector that needs local (patch) features: a function from one batch's patch features
+        ``[B, P, D]`` to this detector's local values ``[B]`` (or ``[B, k]``), which :meth:`score_reduced` turns
+        into scores; with it, patch features are reduced batch by batch and dropped
+        (:func:`vlmood.features.extract_features`'s ``local_reducers``), so memory does not grow with the number
+        of images. Its ``cache_key`` attribute names what it computes (the feature cache keeps its values).
+        None (the default): the detector scores from the full local features only."""
+        return None
+
+    def score_reduced(self, image_features: Any, reduced: Any) -> np.ndarray:
+        """ID scores ``[N]`` from global features ``[N, D]`` (or ``Features``) and the values of
+        :meth:`local_reducer` for the same images (``Features.reduced[label]``); equal to :meth:`score_features`
+        with the full local features. Rows whose global features or reduced values are not finite score NaN."""
+        g = self.global_features(image_features)
+        r = reduced.detach().cpu() if isinstance(reduced, torch.Tensor) else torch.as_tensor(np.asarray(reduced))
+        r = r.to(torch.float64)
+        if r.ndim not in (1, 2) or r.shape[0] != g.shape[0]:
+            raise InvalidInputError(f"reduced local values must be [N={g.shape[0]}] or [N, k], got {tuple(r.shape)}")
+        out = nan_where_not_finite(self._score_reduced(self.similarities(g), r), g)
+        bad = ~torch.isfinite(r.reshape(r.shape[0], -1)).all(dim=1)
+        if bool(bad.any()):
+            out = np.array(out, dtype=np.float64, copy=True)
+            out[bad.numpy()] = np.nan
+        return out
+
+    def _score_reduced(self, sims: torch.Tensor, reduced: torch.Tensor) -> np.ndarray:
+        raise InvalidInputError(f"{type(self).__name__} has no local reducer: score it with score_features")
 
     def _features(self, images: ImageInput | Any, batch_size: int | None):
         if _is_features(images):

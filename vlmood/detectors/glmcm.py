@@ -1,6 +1,7 @@
 """GL-MCM: global MCM plus the best local (per-patch) MCM."""
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Sequence
 
@@ -46,3 +47,32 @@ class GLMCM(Detector):
             for i in range(0, loc.shape[0], 256)
         ]
         return np.concatenate(chunks) if chunks else np.empty(0)
+
+    def local_reducer(self):
+        """GL-MCM's local term batch by batch: patch features ``[B, P, D]`` to ``max_{p, c} softmax_c(cos(x_p, t_c) /
+        T)`` ``[B]`` (NaN for rows with non-finite patch features); :meth:`score_reduced` adds ``mcm(global)`` and
+        ``lam`` times it, equal to :meth:`score_features` with the full local features. Its ``cache_key`` names the
+        class embeddings and the temperature."""
+        text = self.text_features
+        temperature = self.temperature
+        h = hashlib.sha256(f"glmcm-local-v1|{temperature!r}|{tuple(text.shape)}|".encode())
+        h.update(text.detach().float().contiguous().cpu().numpy().tobytes())
+
+        def reduce(local_features: Any) -> torch.Tensor:
+            loc = _as_float_tensor(local_features)
+            if loc.ndim != 3:
+                raise InvalidInputError(f"local_features must be [B, P, D], got {tuple(loc.shape)}")
+            self._check_width(loc.shape[2], "local (per-patch) features")
+            out = torch.from_numpy(scores.local_mcm(loc @ text.T, temperature))
+            bad = ~torch.isfinite(loc).flatten(1).all(dim=1)
+            if bool(bad.any()):
+                out[bad] = float("nan")
+            return out
+
+        reduce.cache_key = f"glmcm-{h.hexdigest()[:32]}"  # type: ignore[attr-defined]
+        return reduce
+
+    def _score_reduced(self, sims: torch.Tensor, reduced: torch.Tensor) -> np.ndarray:
+        if reduced.ndim != 1:
+            raise InvalidInputError(f"GL-MCM's reduced local values must be [N], got {tuple(reduced.shape)}")
+        return scores.mcm(sims, self.temperature) + self.lam * reduced.numpy()

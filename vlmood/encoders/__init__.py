@@ -17,7 +17,10 @@ def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = No
             ``hf:MODEL_ID_OR_DIR`` (transformers ``CLIPModel``/``SiglipModel``), or a registered name such as
             ``toyworld`` (see :class:`EncoderSpec` and :mod:`vlmood.encoders.registry`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``...; default CUDA when available, else CPU.
-        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` autocast; default reduced precision on CUDA, fp32 on CPU.
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"``: the dtype the weights are held and run in (cast once at
+            load, as open_clip's ``precision`` option: LayerNorms, embeddings and the logit scale stay float32);
+            default bf16 (else fp16) on CUDA, fp32 on CPU. Features are float32 at every precision, and the
+            fingerprint names the weights whatever the precision (caches key the precision apart).
     """
     parsed = spec if isinstance(spec, EncoderSpec) else parse_spec(spec)
     if parsed.backend == "open_clip":

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import InvalidInputError
 
@@ -114,11 +115,21 @@ def _cpu_fp16_autocast_works() -> bool:
             return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
 
 
-def resolve_precision(precision: str | None, device: torch.device) -> str:
-    """``precision`` as given, else ``bf16`` (or ``fp16``) autocast on CUDA and ``fp32`` on CPU.
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # an old or unusual build that cannot answer: assume emulation
+        return False
 
-    On CPU, ``fp16`` and ``bf16`` are allowed (features stay within a few 1e-3 of fp32) with a warning that they
-    are usually several times slower than fp32 there; ``fp16`` on a torch whose CPU autocast cannot run fp16 is
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """``precision`` as given, else ``bf16`` (or ``fp16``) on CUDA and ``fp32`` on CPU.
+
+    A reduced precision holds the weights in that dtype (cast once at load, see :meth:`Encoder.compute_dtype`).
+    On CPU, ``fp16`` and ``bf16`` are allowed (features stay within about 1e-2 of fp32) with a warning: ``bf16`` is
+    several times faster than fp32 on a CPU with native bf16 (AVX512-BF16, AMX) and slower elsewhere; ``fp16`` is
+    slower than fp32 on CPUs. ``fp16`` on a torch whose CPU autocast cannot run fp16 (training code autocasts) is
     refused rather than silently run in fp32.
     """
     if precision is None:
@@ -131,17 +142,50 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
         if precision == "fp16" and not _cpu_fp16_autocast_works():
             raise InvalidInputError(f"this torch ({torch.__version__}) cannot compute in fp16 on CPU; "
                                     "use precision fp32 (the CPU default) or bf16")
-        warnings.warn(f"{precision} on CPU is emulated and usually several times slower than fp32 "
-                      "(and slightly less exact); fp32 is the CPU default", stacklevel=3)
+        if precision == "bf16" and _cpu_has_native_bf16():
+            warnings.warn("bf16 on CPU: weights held in bf16, usually several times faster than fp32 on this CPU "
+                          "(it computes bf16 natively) but slightly less exact; fp32 is the CPU default",
+                          stacklevel=3)
+        else:
+            warnings.warn(f"{precision} on CPU is emulated and usually several times slower than fp32 "
+                          "(and slightly less exact); fp32 is the CPU default", stacklevel=3)
     return precision
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""The dtype in which an encoder of each precision holds its weights and computes."""
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for reduced precision (weights stay fp32); a no-op for ``fp32``."""
+    """Autocast to ``precision`` (a no-op for ``fp32``), for training code that runs float32 modules of its own
+    (learned prompts, CLIPN's "no" tower) next to an encoder's reduced-precision weights."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=PRECISION_DTYPES[precision])
+
+
+class _LayerNormFp32(torch.nn.LayerNorm):
+    """A LayerNorm with float32 parameters that normalises in float32 and returns the input's dtype (open_clip's
+    ``LayerNormFp32``), for towers whose other weights are held in bf16/fp16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+def cast_to_low_precision(model: torch.nn.Module, dtype: torch.dtype, ln_class: type = _LayerNormFp32,
+                          ln_types: tuple[type, ...] = (torch.nn.LayerNorm,),
+                          keep: Sequence[str] = ("logit_scale", "logit_bias")) -> None:
+    """Cast every floating parameter and buffer of ``model`` to ``dtype`` in place, except: LayerNorms of exactly
+    a type in ``ln_types`` become ``ln_class`` (float32 parameters, normalising in float32), and the parameters
+    named in ``keep`` (the learned temperature and bias, which set the scores' scale) stay float32 and exact."""
+    kept = {name: p.detach().clone() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in keep}
+    model.to(dtype)
+    for name, value in kept.items():
+        model.get_parameter(name).data = value
+    for m in model.modules():
+        if type(m) in ln_types:
+            m.float()
+            m.__class__ = ln_class
 
 
 def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
@@ -322,7 +366,42 @@ class Encoder(ABC):
     def _arch_name(self) -> str:
         return self.spec.name
 
+    @property
+    def cache_precision(self) -> str:
+        """The precision as caches key it: ``fp32``, or ``bf16-weights`` / ``fp16-weights`` (weights cast once). Entries
+        written by earlier versions under ``bf16``/``fp16`` came from autocast over fp32 weights, up to ~1e-2 away:
+        never served to the cast weights."""
+        return self.precision if self.precision == "fp32" else f"{self.precision}-weights"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the towers' weights and of their forwards: float32 for ``fp32``; for ``bf16``/``fp16`` the
+        weights are cast once at load (as open_clip's own ``precision`` option does: matrix weights and projections
+        in that dtype, LayerNorms and the logit scale in float32). Returned features are float32 either way."""
+        return PRECISION_DTYPES[self.precision]
+
+    def _hold_precision(self, model: torch.nn.Module) -> None:
+        """Cast ``model`` (still on the CPU) to :attr:`precision` once. The fingerprint is taken first, from the
+        float32 weights, so it names the weights, never the precision: caches key the precision apart themselves."""
+        if self.precision == "fp32":
+            return
+        self.fingerprint  # noqa: B018 - computed now, while the weights are float32
+        self._cast_weights(model, self.compute_dtype)
+
+    def _cast_weights(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        """Cast the weights to a reduced ``dtype`` (the backends override it to match their libraries)."""
+        cast_to_low_precision(model, dtype)
+
+    def _own_forward(self) -> contextlib.AbstractContextManager:
+        """Context for the encoder's own forwards: autocast off, since the weights already are in
+        :attr:`compute_dtype` (an enclosing :meth:`autocast` would only add casts and change rounding)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
     def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to :attr:`precision` (a no-op for fp32), for training code that runs float32 modules of its
+        own (learned prompts, CLIPN's "no" tower) together with this encoder's reduced-precision weights."""
         return autocast_context(self.device, self.precision)
 
     # ---------------------------------------------------------------- images
@@ -347,8 +426,8 @@ class Encoder(ABC):
         bs = batch_size or self.image_batch_size
         globals_, locals_ = [], []
         for batch in self._image_batches(images, bs):
-            with torch.inference_mode(), self.autocast():
-                out = self._encode_image_batch(batch.to(self.device, non_blocking=True), local)
+            with torch.inference_mode(), self._own_forward():
+                out = self._encode_image_batch(batch.to(self.device, self.compute_dtype, non_blocking=True), local)
             g, loc = out if local else (out, None)
             globals_.append(torch.nn.functional.normalize(g.float(), dim=-1).cpu())
             if loc is not None:
@@ -375,7 +454,7 @@ class Encoder(ABC):
                         " (decoded pixels: pass PIL images, e.g. PIL.Image.fromarray(a), so they are preprocessed)")
                 raise InvalidInputError(f"an image tensor must be a preprocessed float batch [N, 3, H, W], got "
                                         f"{images.dtype} {shape}{hint}")
-            images = images.float()  # float64 (numpy's default) or half: the towers run in float32 (+ autocast)
+            images = images.float()  # float64 (numpy's default) or half: cast to compute_dtype per batch
             for i in range(0, images.shape[0], bs):
                 yield images[i : i + bs]
             return

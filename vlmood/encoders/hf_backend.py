@@ -29,6 +29,10 @@ class HFEncoder(Encoder):
         self.device = device
         self.precision = precision
         self.model_type = model.config.model_type
+        # bf16/fp16: every weight in that dtype (what transformers' torch_dtype gives) except the LayerNorms, which
+        # normalise in float32, and the logit scale and bias (see base.cast_to_low_precision)
+        self._hold_precision(self.model)
+        self.model.to(device)
         tcfg = model.config.text_config
         self.context_length = int(getattr(tcfg, "max_position_embeddings", 77))
 
@@ -71,7 +75,8 @@ class HFEncoder(Encoder):
         # CLIP's text tower is causal and pools at the end token, so positions after it (padding) never
         # reach the pooled output: no attention mask is needed, and trimming to ``length`` is exact.
         ids = tokens[:, :length] if self.exact_text_trimming else tokens
-        return _features(self.model.get_text_features(input_ids=ids))
+        with self._own_forward():
+            return _features(self.model.get_text_features(input_ids=ids))
 
     def _arch_name(self) -> str:
         return f"{self.model_type}:{Path(self.spec.name).name}"
@@ -102,4 +107,4 @@ def load_hf(spec: EncoderSpec, device=None, precision: str | None = None) -> HFE
         image_processor = AutoImageProcessor.from_pretrained(name)
     except Exception as e:
         raise EncoderLoadError(f"could not load hf:{name}: {type(e).__name__}: {e}") from e
-    return HFEncoder(model.to(dev), tokenizer, image_processor, spec, dev, prec)
+    return HFEncoder(model, tokenizer, image_processor, spec, dev, prec)

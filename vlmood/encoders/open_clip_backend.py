@@ -12,9 +12,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointMismatchError, EncoderLoadError, UnknownModelError
+from ..errors import CheckpointMismatchError, EncoderLoadError, InvalidInputError, UnknownModelError
 from . import registry
-from .base import Encoder, EncoderSpec, resolve_device, resolve_precision
+from .base import Encoder, EncoderSpec, cast_to_low_precision, resolve_device, resolve_precision
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _registered = False
@@ -108,12 +108,16 @@ class OpenCLIPEncoder(Encoder):
     """An open_clip model behind the :class:`Encoder` interface."""
 
     def __init__(self, model, preprocess, tokenizer, spec: EncoderSpec, device, precision: str):
+        """``model``: a float32 open_clip model (on the CPU, best: a reduced ``precision`` casts it there first,
+        after taking the fingerprint) that is moved to ``device``."""
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.spec = spec
         self.device = device
         self.precision = precision
+        self._hold_precision(self.model)
+        self.model.to(device)
         self._trim_verified = False
         self._tower = self._text_tower()
 
@@ -129,7 +133,7 @@ class OpenCLIPEncoder(Encoder):
         if out:
             return int(out)
         if getattr(self, "_embed_dim", None) is None:  # exotic towers: ask the text tower once
-            with torch.inference_mode():
+            with torch.inference_mode(), self._own_forward():
                 self._embed_dim = int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1])
         return self._embed_dim
 
@@ -176,6 +180,26 @@ class OpenCLIPEncoder(Encoder):
         ):
             return None
         return {"tower": tower, "pool": pool, "eos": eos}
+
+    def _cast_weights(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        """What ``open_clip.create_model(..., precision="bf16"/"fp16")`` builds: for open_clip's own towers,
+        ``convert_weights_to_lp`` (linear, convolution and attention weights and the projections in ``dtype``;
+        embeddings, LayerNorms and the logit scale stay float32) and LayerNorms that normalise in float32
+        (``LayerNormFp32``); for other towers (timm, Hugging Face text), everything in ``dtype`` but the LayerNorms
+        and the logit scale and bias, as open_clip does for timm models (which also casts the logit scale)."""
+        from open_clip.model import convert_weights_to_lp
+        from open_clip.modified_resnet import ModifiedResNet
+        from open_clip.transformer import LayerNorm, LayerNormFp32, TextTransformer, VisionTransformer
+
+        text = getattr(model, "text", None)
+        native_text = isinstance(text, TextTransformer) or (text is None and hasattr(model, "transformer"))
+        if isinstance(getattr(model, "visual", None), (VisionTransformer, ModifiedResNet)) and native_text:
+            convert_weights_to_lp(model, dtype=dtype)
+            for m in model.modules():
+                if type(m) is LayerNorm:
+                    m.__class__ = LayerNormFp32  # the class open_clip builds for bf16/fp16 (same parameters)
+        else:
+            cast_to_low_precision(model, dtype, ln_class=LayerNormFp32, ln_types=(LayerNorm, LayerNormFp32))
 
     # ------------------------------------------------------------ images
     def _encode_image_batch(self, batch: torch.Tensor, local: bool):
@@ -273,12 +297,13 @@ class OpenCLIPEncoder(Encoder):
             )
 
     def _encode_token_batch(self, tokens: torch.Tensor, length: int) -> torch.Tensor:
-        if self._tower is None or length >= tokens.shape[1]:
-            return self.model.encode_text(tokens)
-        out = self._encode_trimmed(tokens, length)
-        if not self._trim_verified and not self._verify_trimming(tokens[:4], out[:4]):
-            return self.model.encode_text(tokens)  # this batch too: never keep (or cache) inexact embeddings
-        return out
+        with self._own_forward():
+            if self._tower is None or length >= tokens.shape[1]:
+                return self.model.encode_text(tokens)
+            out = self._encode_trimmed(tokens, length)
+            if not self._trim_verified and not self._verify_trimming(tokens[:4], out[:4]):
+                return self.model.encode_text(tokens)  # this batch too: never keep (or cache) inexact embeddings
+            return out
 
     def _encode_trimmed(self, tokens: torch.Tensor, length: int) -> torch.Tensor:
         from open_clip.transformer import text_global_pool
@@ -315,9 +340,15 @@ class OpenCLIPEncoder(Encoder):
         return True
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the model's weights to ``path`` (safetensors); load back with ``open_clip:ARCH@path``."""
+        """Write the model's weights to ``path`` (safetensors); load back with ``open_clip:ARCH@path``.
+
+        Only a float32 encoder can: one loaded at bf16/fp16 holds rounded weights, which would be another model
+        (with another fingerprint)."""
         from .._io import save_safetensors
 
+        if self.precision != "fp32":
+            raise InvalidInputError(f"cannot save {self.spec} loaded at {self.precision}: its weights are rounded to "
+                                    f"{self.precision}; load it with precision='fp32' to save it")
         save_safetensors(dict(self.model.state_dict()), path, metadata={"vlmood_arch": self.spec.name})
 
 
@@ -398,4 +429,4 @@ def load_open_clip(
         load_matching_state_dict(model, sd, str(spec.checkpoint), arch)
     factory = registry.tokenizer_factory(arch)  # e.g. the toy world's word-level tokenizer
     tokenizer = factory(spec) if factory is not None else open_clip.get_tokenizer(arch)
-    return OpenCLIPEncoder(model.to(dev), preprocess, tokenizer, spec, dev, prec)
+    return OpenCLIPEncoder(model, preprocess, tokenizer, spec, dev, prec)

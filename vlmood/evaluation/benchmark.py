@@ -19,7 +19,7 @@ from ..data import as_source, map_labels
 from ..detectors import Detector, make_detector
 from ..encoders.base import Encoder
 from ..errors import InvalidInputError
-from ..features import Features, extract_features
+from ..features import Features, LocalReducer, extract_features, local_plan, score_detector
 from ..text.embed import CacheArg
 from ..text.prompts import load_classes
 from .report import Report, metric_rows
@@ -371,17 +371,21 @@ class Benchmark:
                 "sets": sets, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "seconds": seconds}
 
-    def extract(self, encoder: Encoder, local: bool = False, cache: CacheArg = True, **kw: Any) -> dict[str, Features]:
-        """Features of the ID set (key ``"ID"``) and of every OOD set, each image encoded once."""
-        feats = {"ID": extract_features(encoder, self.id, local=local, cache=cache, on_error=self.on_error, **kw)}
+    def extract(self, encoder: Encoder, local: bool = False, cache: CacheArg = True,
+                local_reducers: Mapping[str, LocalReducer] | None = None, **kw: Any) -> dict[str, Features]:
+        """Features of the ID set (key ``"ID"``) and of every OOD set, each image encoded once (keyword arguments
+        as :func:`vlmood.features.extract_features`: ``local=True`` holds every patch feature of a set in memory,
+        ``local_reducers`` reduces them batch by batch instead)."""
+        kw.update(local=local, cache=cache, local_reducers=local_reducers, on_error=self.on_error)
+        feats = {"ID": extract_features(encoder, self.id, **kw)}
         for group in self.ood.values():
             for name, src in group.items():
-                feats[name] = extract_features(encoder, src, local=local, cache=cache, on_error=self.on_error, **kw)
+                feats[name] = extract_features(encoder, src, **kw)
         return feats
 
     def run(self, encoder: Encoder | None, detectors: DetectorsArg = ("mcm",), cache: CacheArg = True,
             batch_size: int | None = None, num_workers: int | None = None, progress: bool | None = None,
-            features: Mapping[str, Features] | None = None) -> Report:
+            features: Mapping[str, Features] | None = None, cache_local: bool = False) -> Report:
         """Score every set with every detector and compute the metrics.
 
         ``detectors``: method names (``"mcm,glmcm"`` or a list), :class:`Detector` objects, or a dict from report
@@ -392,6 +396,11 @@ class Benchmark:
 
         Images are encoded once (local patch features only when a detector needs them) and every detector
         scores the same :class:`Features`. ``features`` may pass precomputed ones (from :meth:`extract`).
+        Memory does not grow with the number of images beyond their global features and scores: the patch
+        features a detector needs (GL-MCM) are reduced to its local scores batch by batch and dropped
+        (:meth:`Detector.local_reducer <vlmood.detectors.Detector.local_reducer>`); the cache keeps those scores,
+        and with ``cache_local=True`` the patch features too, as float16 (see
+        :func:`~vlmood.features.extract_features`).
 
         Detectors that read images rather than features (``needs_images = True``: an
         :class:`vlmood.lvlm.LVLMDetector`, passed as an object) run in the same call on each set's decoded images
@@ -406,13 +415,14 @@ class Benchmark:
         t0 = time.perf_counter()
         dets = self._detectors(encoder, detectors)
         by_image = {k for k, d in dets.items() if getattr(d, "needs_images", False)}
-        local = any(d.needs_local for k, d in dets.items() if k not in by_image)
-        if local:
+        full_local, reducers = local_plan({k: d for k, d in dets.items() if k not in by_image})
+        if full_local or reducers:
             encoder.require_local()  # before any image is encoded
         feats: dict[str, Features] = {}
         if len(by_image) < len(dets):  # images are encoded only for the detectors that score features
             feats = dict(features) if features is not None else self.extract(
-                encoder, local=local, cache=cache, batch_size=batch_size, num_workers=num_workers, progress=progress)
+                encoder, local=full_local, cache=cache, local_reducers=reducers or None, batch_size=batch_size,
+                num_workers=num_workers, progress=progress, cache_local=cache_local)
             absent = [n for n in ("ID", *(n for g in self.ood.values() for n in g)) if n not in feats]
             if absent:
                 raise InvalidInputError(f"features= lacks the set(s) {absent}; pass Benchmark.extract's result")
@@ -438,12 +448,12 @@ class Benchmark:
                 src_ids = {n: images[n].ids for n in set_names}
             else:
                 id_feats = feats["ID"]
-                s = {"ID": det.score_features(id_feats)}
+                s = {"ID": score_detector(det, id_feats, label)}
                 id_pred = det.classify_features(id_feats)
                 accuracy[label] = float(np.mean(id_pred == id_labels)) if id_labels is not None else None
                 for sets in self.ood.values():
                     for name in sets:
-                        s[name] = det.score_features(feats[name])
+                        s[name] = score_detector(det, feats[name], label)
                 full = s
                 src_ids = {n: feats[n].ids for n in set_names}
             scores[label] = s

@@ -411,7 +411,9 @@ def _embedding_row(kind: str, folder: Path) -> dict[str, Any]:
     ns = meta.get("namespace") if isinstance(meta.get("namespace"), str) else None
     enc = meta.get("encoder") if isinstance(meta.get("encoder"), dict) else {}
     # split from the right: a fingerprint may hold "|" itself (CLIPN's no side: "clipn-no:<hash>|<base encoder>")
-    fields = ns.rsplit("|", 4 if kind == "features" else 2) if ns else []
+    # image features: "fingerprint|precision|preprocessing|global/local/patches|feat-v1[|reduced|key]"; text:
+    # "fingerprint|precision|text-v1", split from the right (CLIPN's no-side fingerprint holds a "|" itself)
+    fields = (ns.split("|") if kind == "features" else ns.rsplit("|", 2)) if ns else []
     fingerprint = enc.get("fingerprint") or (fields[0] if fields and fields[0] else UNKNOWN)
     precision = enc.get("precision") or (fields[1] if len(fields) > 1 else None)
     size, newest, files = _scan(folder)
@@ -421,7 +423,8 @@ def _embedding_row(kind: str, folder: Path) -> dict[str, Any]:
         if p.parent == folder and p.suffix == ".safetensors":
             entry = index.get(p.name) or _shard_entry(p)
             entries += entry["count"] if entry is not None else 0
-    detail = f"{fields[3]}, {fields[2]}" if kind == "features" and len(fields) == 5 else None  # global/local first
+    detail = (", ".join([*fields[3:4], *fields[5:], fields[2]]) if kind == "features" and len(fields) >= 5
+              else None)  # global/local/patches (and a reduced key) first
     return {"kind": kind, "path": str(folder), "fingerprint": str(fingerprint), "spec": enc.get("spec"),
             "precision": precision, "detail": detail, "entries": entries, "bytes": size, "modified": newest}
 

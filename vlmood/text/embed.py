@@ -68,8 +68,9 @@ def _resolve_cache(cache: CacheArg) -> EmbeddingCache | None:
 
 
 def cache_namespace(encoder: "Encoder") -> str:
-    """The cache namespace of an encoder: its weights fingerprint, autocast precision and engine version."""
-    return f"{encoder.fingerprint}|{encoder.precision}|{_TEXT_ENGINE_VERSION}"
+    """The cache namespace of an encoder: its weights fingerprint, precision (:attr:`Encoder.cache_precision`) and
+    engine version."""
+    return f"{encoder.fingerprint}|{getattr(encoder, 'cache_precision', encoder.precision)}|{_TEXT_ENGINE_VERSION}"
 
 
 def compute_text_embeddings(

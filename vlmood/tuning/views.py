@@ -247,7 +247,7 @@ class ViewStore:
 def store_key(encoder: Any, identities: Sequence[str], views: int, seed: int, local: bool) -> str:
     """A hash of everything the view features depend on."""
     h = hashlib.sha256()
-    h.update(json.dumps({"version": _VERSION, "encoder": encoder.fingerprint, "precision": encoder.precision,
+    h.update(json.dumps({"version": _VERSION, "encoder": encoder.fingerprint, "precision": encoder.cache_precision,
                          "preprocess": encoder.preprocess_key, "views": views, "seed": seed, "local": local,
                          "scale": CROP_SCALE, "ratio": CROP_RATIO, "flip": FLIP_P}).encode())
     for ident in identities:
