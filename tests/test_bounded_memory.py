@@ -123,15 +123,20 @@ def test_warm_run_encodes_nothing_and_cache_local_keeps_fp16_patches(tiny, world
     spy.calls = 0
     assert_same(bench.run(tiny, dets, batch_size=BS, num_workers=0, progress=False), ref)
     assert spy.encoded == 18 and spy.calls == 0
-    # another temperature: a new reducer, computed from the float16 patch features without encoding
+    # another temperature: a new reducer; with cache_local=True computed from the float16 patches without encoding
     spy.rows = 0
-    report = bench.run(tiny, other, batch_size=BS, num_workers=0, progress=False)
+    report = bench.run(tiny, other, batch_size=BS, num_workers=0, progress=False, cache_local=True)
     assert spy.encoded == 18 and 0 < spy.rows <= BS
     for name in ("ID", "noise"):
         np.testing.assert_allclose(report.scores["glmcm"][name], ref2[name]["glmcm"], rtol=0, atol=2e-3)
     spy.calls = 0
-    bench.run(tiny, other, batch_size=BS, num_workers=0, progress=False)
+    bench.run(tiny, other, batch_size=BS, num_workers=0, progress=False, cache_local=True)
     assert spy.encoded == 18 and spy.calls > 0  # values of float16 patches are never cached as exact ones
+    # a default run (no cache_local) never reads float16 patches: it encodes again and is exact
+    report = bench.run(tiny, other, batch_size=BS, num_workers=0, progress=False)
+    assert spy.encoded == 36
+    for name in ("ID", "noise"):
+        np.testing.assert_allclose(report.scores["glmcm"][name], ref2[name]["glmcm"], rtol=0, atol=1e-6)
 
 
 def test_reduced_path_matches_local_true_and_bad_reducers(tiny, tmp_path):

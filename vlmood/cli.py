@@ -730,6 +730,8 @@ def _check_engine(args: argparse.Namespace) -> None:
     if args.num_gpus_per_worker < 0:
         raise _UsageError(f"--num-gpus-per-worker must be >= 0, got {args.num_gpus_per_worker}")
     if args.engine == "ray":
+        if args.workers == 0:
+            raise _UsageError("--workers with --engine ray is the number of scoring actors: give at least 1")
         if args.no_cache:
             raise _UsageError("--no-cache: the ray engine does not use the feature cache; drop --no-cache")
         suffix = Path(args.out).suffix.lower()

@@ -402,7 +402,9 @@ def _extract_reduced(encoder: "Encoder", src: ImageSource, reducers: dict[str, L
                 continue
             v = _reduce(fn, label, loc)
             put_values(label, [idx[k] for k in fresh], v[fresh])
-            if writer is not None and exact and label in red_ns:  # never values of float16 patch features
+            # never values of float16 patch features, and only into a float32 store: the packed float64 parts
+            # (integers up to 2^22) would overflow or round in a float16 one
+            if writer is not None and exact and label in red_ns and store.dtype == "float32":
                 ok = [k for k in fresh if bool(torch.isfinite(v[k]).all())]
                 if ok:
                     writer.add(store, red_ns[label], [keys[idx[k]] for k in ok], _pack_f64(v[ok]))
@@ -434,7 +436,9 @@ def _extract_reduced(encoder: "Encoder", src: ImageSource, reducers: dict[str, L
 
             _read_cached(store, feature_namespace(encoder, True), keys, todo, bs, from_full)
             todo = [i for i in todo if not complete(i)]
-            half = [i for i in todo if i in have_g]  # float16 patches have no global part: the exact one is cached
+            # float16 patches (no global part: the exact one is cached) only for a caller who keeps them
+            # (cache_local=True): a default run never gets scores ~1e-3 away from a cold run's without asking
+            half = [i for i in todo if i in have_g] if cache_local else []
             _read_cached(_half_cache(store), _patch_namespace(encoder), keys, half, bs,
                          lambda idx, rows: take_reduced(idx, rows.reshape(len(idx), -1, d), False))
             todo = [i for i in todo if not complete(i)]
