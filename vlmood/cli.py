@@ -641,15 +641,18 @@ def _build_detector(args: argparse.Namespace, plan: dict[str, Any], encoder: Any
     return det.fit()
 
 
-def _extract(args: argparse.Namespace, encoder: Any, source: Any, local: bool) -> Any:
-    """Features of ``source`` with the CLI's batch size, workers, error rule and cache; skipped images listed."""
-    from .features import extract_features
+def _score(args: argparse.Namespace, det: Any, source: Any) -> tuple[Any, Any]:
+    """``(features, scores)`` of ``source`` under the fitted ``det`` with the CLI's batch size, workers, error rule and
+    cache; patch features (GL-MCM) are reduced batch by batch, never all held in memory; skipped images listed."""
+    from .features import extract_features, local_plan, score_detector
 
-    feats = extract_features(encoder, source, local=local, batch_size=args.batch_size, num_workers=args.workers,
-                             on_error=args.on_error, cache=not args.no_cache)
+    full, reducers = local_plan({"det": det})
+    feats = extract_features(det.encoder, source, local=full, local_reducers=reducers or None,
+                             batch_size=args.batch_size, num_workers=args.workers, on_error=args.on_error,
+                             cache=not args.no_cache)
     for _, err in feats.errors:
         print(f"vlmood: skipped: {printable(err)}", file=sys.stderr)
-    return feats
+    return feats, score_detector(det, feats, "det")
 
 
 def _check_not_manifest(images: Any, out: Path, flag: str = "--images") -> None:
@@ -787,8 +790,7 @@ def _write_scores(args: argparse.Namespace, det: Any, source: Any, out: Path, th
 
     if args.engine == "ray":
         return _write_scores_ray(args, det, source, out, thr, label)
-    feats = _extract(args, det.encoder, source, det.needs_local)
-    scores = det.score_features(feats)
+    feats, scores = _score(args, det, source)
     labels = det.classify_features(feats)
     row = {i: k for k, i in enumerate(feats.ids)}
     errors = dict(feats.errors)
@@ -828,8 +830,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     source = as_source(_source_arg(args, args.id))
     encoder = load_encoder(plan["spec"], device=args.device, precision=args.precision)
     det = _build_detector(args, plan, encoder)
-    feats = _extract(args, encoder, source, det.needs_local)
-    scores = det.score_features(feats)
+    feats, scores = _score(args, det, source)
     finite = np.isfinite(scores)
     if not finite.any():
         raise _UsageError(f"none of the {len(scores)} ID image(s) got a finite score; nothing to calibrate on")

@@ -280,10 +280,10 @@ def extract_features(
             features cached by an earlier ``local=True`` run are read back one shard at a time, and only the
             images still missing are encoded.
         cache_local: with ``local_reducers`` and ``local=False``, also keep the patch features in the cache as
-            float16 (half the size of ``local=True``'s float32 ones), so that other local reducers (another
-            temperature, other classes) later run without encoding; values reduced from these float16 features
-            differ from float32 ones by about 1e-3 and are not cached themselves. Off by default: a ViT-B/16
-            image takes about 200 kB on disk this way.
+            float16 (half the size of ``local=True``'s float32 ones), and read them back (only when this is True),
+            so that other local reducers (another temperature, other classes) later run without encoding; values
+            reduced from these float16 features differ from float32 ones by about 1e-3 and are not cached
+            themselves. Off by default: a ViT-B/16 image takes about 200 kB on disk this way.
 
     Raises:
         ImageLoadError: an unreadable image or non-finite features, with ``on_error="raise"``.
