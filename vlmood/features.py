@@ -325,12 +325,7 @@ def extract_features(
                 writer.add(store, feature_namespace(encoder, False), names, g)
 
     if missing:
-        try:
-            with _signals_unwind():
-                _encode_missing(encoder, src, missing, errors, local, batch_size, num_workers, on_error, progress,
-                                take, writer)
-        except _Signalled as s:
-            _signals._die_of(s.signum)
+        _encode_or_die(encoder, src, missing, errors, local, batch_size, num_workers, on_error, progress, take, writer)
 
     order = [i for i in range(n) if i in vecs]
     if not order:
@@ -443,12 +438,8 @@ def _extract_reduced(encoder: "Encoder", src: ImageSource, reducers: dict[str, L
                          lambda idx, rows: take_reduced(idx, rows.reshape(len(idx), -1, d), False))
             todo = [i for i in todo if not complete(i)]
         if todo:
-            try:
-                with _signals_unwind():
-                    _encode_missing(encoder, src, todo, errors, True, batch_size, num_workers, on_error, progress,
-                                    take, writer)
-            except _Signalled as s:
-                _signals._die_of(s.signum)
+            _encode_or_die(encoder, src, todo, errors, True, batch_size, num_workers, on_error, progress, take,
+                           writer)
     finally:
         if writer is not None:
             writer.flush()  # values reduced from cached patch features
@@ -533,6 +524,16 @@ def _trim() -> None:
 def _names(src: ImageSource, indices: Sequence[int]) -> str:
     shown = ", ".join(printable(src.ids[i]) for i in indices[:_MAX_NAMED])
     return shown + (f" and {len(indices) - _MAX_NAMED} more" if len(indices) > _MAX_NAMED else "")
+
+
+def _encode_or_die(*args: Any) -> None:
+    """:func:`_encode_missing` with SIGTERM/SIGHUP unwinding it (so what was encoded is flushed to the cache first),
+    then the process dies of that signal as it would have."""
+    try:
+        with _signals_unwind():
+            _encode_missing(*args)
+    except _Signalled as s:
+        _signals._die_of(s.signum)
 
 
 def _encode_missing(encoder: "Encoder", src: ImageSource, missing: list[int], errors: dict[int, str], local: bool,
