@@ -3,7 +3,8 @@
 Usage: python benchmarks/neglabel.py [--arch ViT-B-32] [--classes imagenet1k] [--images 64]
                                     [--lexicon-limit N] [--lexicon-only]
 
-Reports: the lexicon's prompts (70,794: nouns ``the nice {}``, adjectives ``This is a {} photo``) encoded alone, cold
+Reports: the lexicon's prompts tokenised by open_clip's tokenizer and by vlmood's exact front end (fresh ones, same
+ids); the lexicon's prompts (70,794: nouns ``the nice {}``, adjectives ``This is a {} photo``) encoded alone, cold
 (no cache, a fresh tokeniser, ``compute_text_embeddings`` at the encoder's text batch size), with the tokenisation's
 share (``--lexicon-limit N``: a seeded random sample of N prompts, the full lexicon's time projected from it;
 ``--lexicon-only``: stop there); encoding the lexicon in ``NegLabel.fit`` cold vs from the cache; mining 1000 classes
@@ -45,6 +46,8 @@ def lexicon_encoding(enc, limit: int | None = None) -> dict:
         prompts = random.Random(0).sample(prompts, limit)
     cache = getattr(enc.tokenizer, "cache", None)
     saved = dict(cache) if isinstance(cache, dict) else None
+    memo = getattr(enc.tokenizer, "_ids", None)  # vlmood's front end (vlmood.encoders.bpe): its per-word ids
+    saved_memo = dict(memo) if isinstance(memo, dict) else None
     t0, c0 = time.perf_counter(), time.process_time()
     emb = compute_text_embeddings(enc, prompts, progress=False)
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -54,9 +57,34 @@ def lexicon_encoding(enc, limit: int | None = None) -> dict:
     if saved is not None:
         cache.clear()
         cache.update(saved)
+    if saved_memo is not None:
+        memo.clear()
+        memo.update(saved_memo)
     return {"prompts": len(prompts), "full": full, "seconds": total, "cpu_seconds": cpu, "tokenize_warm_s": tok_warm,
             "mean_tokens": sum(lengths) / len(lengths), "batch_size": enc.text_batch_size,
             "finite": bool(torch.isfinite(emb).all()), "full_projected_s": total * full / len(prompts)}
+
+
+def tokenisation(arch: str) -> dict:
+    """The whole lexicon's prompts tokenised by fresh tokenisers: open_clip's own and vlmood's exact front end
+    (:mod:`vlmood.encoders.bpe`); the ids must be equal."""
+    import open_clip
+
+    from vlmood.encoders.bpe import FastCLIPTokenizer, fast_tokenizer
+    from vlmood.text.prompts import fill, load_templates
+
+    lex = lexicons.load("neglabel")
+    noun, adj = load_templates("neglabel_noun")[0], load_templates("neglabel_adj")[0]
+    prompts = [fill(noun if p == "noun" else adj, w) for w, p in zip(lex.words, lex.pos)]
+    t0 = time.perf_counter()
+    ref = open_clip.get_tokenizer(arch)(prompts)
+    t_ref = time.perf_counter() - t0
+    fast = fast_tokenizer(open_clip.get_tokenizer(arch))
+    t0 = time.perf_counter()
+    ids = fast(prompts)
+    t_fast = time.perf_counter() - t0
+    return {"prompts": len(prompts), "open_clip_s": t_ref, "vlmood_s": t_fast,
+            "wrapped": isinstance(fast, FastCLIPTokenizer), "equal": bool(torch.equal(ref, ids))}
 
 
 def main() -> None:
@@ -76,6 +104,10 @@ def main() -> None:
     print(f"lexicon 'neglabel': {len(lex)} words {lex.counts()}; {args.arch} random init; "
           f"{torch.get_num_threads()} CPU threads")
 
+    t = tokenisation(args.arch)
+    print(f"tokenising the lexicon's {t['prompts']:,} prompts, fresh tokenisers: open_clip {t['open_clip_s']:.2f} s, "
+          f"vlmood {t['vlmood_s']:.2f} s ({t['open_clip_s'] / t['vlmood_s']:.1f}x faster; ids equal: {t['equal']})",
+          flush=True)
     r = lexicon_encoding(enc, args.lexicon_limit)
     sample = f" (a random sample of the {r['full']:,})" if r["prompts"] < r["full"] else ""
     print(f"lexicon encoding alone, cold (no cache, fresh tokeniser; trimmed {enc.precision}, batch {r['batch_size']},"

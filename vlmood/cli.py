@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-zero-shot", action="store_true",
                    help="with --prompts: score only the learned variants, not the zero-shot methods")
     v.add_argument("--report", required=True, metavar="DIR", help="output folder")
+    v.add_argument("--no-plots", action="store_true",
+                   help="write the tables and per-image scores only, not the figures (rendering them takes about "
+                        "half a second each); figures an earlier run left in --report are named as stale")
     v.add_argument("--save-detectors", metavar="DIR",
                    help="also save every evaluated detector, calibrated at 95%% TPR on the ID set, as "
                         "DIR/METHOD.vlmood (for `vlmood score --detector`)")
@@ -678,7 +681,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     out = _check_output_file(args.out, "--out")
     _check_not_manifest(args.images, out)
     source = as_source(_source_arg(args, args.images))
-    encoder = load_encoder(plan["spec"], device=args.device, precision=args.precision)
+    encoder = load_encoder(plan["spec"], device=args.device, precision=args.precision, defer=not args.no_cache)
     det = _build_detector(args, plan, encoder)
     return _write_scores(args, det, source, out, args.threshold, plan["label"])
 
@@ -713,7 +716,7 @@ def _score_saved(args: argparse.Namespace) -> int:
         from .detectors.persist import _usable_precision
 
         precision = _usable_precision(recorded.get("precision"), args.device)
-    encoder = load_encoder(spec, device=args.device, precision=precision)
+    encoder = load_encoder(spec, device=args.device, precision=precision, defer=not args.no_cache)
     det = load_detector(args.detector, encoder)  # another model's fingerprint: warns, drops the threshold
     if det.needs_local:
         encoder.require_local()
@@ -828,7 +831,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     out = _check_output_file(args.out, "--out")
     _check_not_manifest(args.id, out, "--id")
     source = as_source(_source_arg(args, args.id))
-    encoder = load_encoder(plan["spec"], device=args.device, precision=args.precision)
+    encoder = load_encoder(plan["spec"], device=args.device, precision=args.precision, defer=not args.no_cache)
     det = _build_detector(args, plan, encoder)
     feats, scores = _score(args, det, source)
     finite = np.isfinite(scores)
@@ -1107,7 +1110,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.save_detectors is not None:
         _check_output_dir(args.save_detectors, "--save-detectors")
     bench.open_sources()  # every folder, glob and manifest is scanned before the model loads
-    encoder = load_encoder(spec, device=args.device, precision=args.precision)
+    encoder = load_encoder(spec, device=args.device, precision=args.precision, defer=not args.no_cache)
     no = _load_no(args, encoder)
     detectors: dict[str, Any] = {} if args.no_zero_shot else {
         m: {"method": m, "no": no, **params[m]} if m in clipn else {"method": m, **params[m]} for m in methods}
@@ -1118,12 +1121,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         detectors = bench.build_detectors(encoder, detectors)
     report = bench.run(encoder, detectors, cache=not args.no_cache, batch_size=args.batch_size,
                        num_workers=args.workers)
-    paths = report.save(args.report)
+    paths = report.save(args.report, plots=not args.no_plots)
     print(report.to_markdown())
+    if args.no_plots:
+        _name_stale_figures(Path(args.report))
     print(f"wrote {', '.join(printable(str(p)) for p in paths.values())}")
     if args.save_detectors is not None:
         _save_detectors(detectors, report, Path(args.save_detectors))
     return 0
+
+
+def _name_stale_figures(folder: Path) -> None:
+    """With ``--no-plots``: name the figures an earlier run left in the report folder (they do not show this run)."""
+    stale = sorted(p.name for p in folder.glob("*.png")
+                   if p.name in ("comparison.png", "roc.png") or p.name.startswith("hist_"))
+    if stale:
+        shown = ", ".join(printable(n) for n in stale[:4]) + (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
+        print(f"note: {printable(str(folder))} still holds figures of an earlier run ({shown}); they do not show "
+              "this run (--no-plots): remove them or run without --no-plots", file=sys.stderr)
 
 
 def _save_detectors(detectors: dict[str, Any], report: Any, folder: Path) -> None:
@@ -1353,8 +1368,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _check_output_dir(args.report, "--report")
     encoder = load_encoder("toyworld", device=args.device)
     report = toyworld.demo(encoder, args.n)
-    paths = report.save(args.report)
+    paths = report.save(args.report, plots=not args.no_plots)
     print(report.to_markdown())
+    if args.no_plots:
+        _name_stale_figures(Path(args.report))
     print(f"wrote {', '.join(printable(str(p)) for p in paths.values())}")
     return 0
 
@@ -1522,6 +1539,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a Latin-1 or ASCII console must not turn the table's arrows into a crash
         if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
             stream.reconfigure(errors="backslashreplace")
+    if argv == ["--version"]:  # answered without building the parser, which imports the detectors (and torch)
+        from . import __version__
+
+        print(f"vlmood {__version__}")
+        return 0
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -228,10 +228,12 @@ class Detector:
     def _warn_unknown_words(self) -> None:
         """Word-level tokenizers (the toy world's) map words outside their vocabulary to one unknown token: such a
         class name is scored as if the word were absent. BPE tokenizers (CLIP's) have no unknown words."""
+        if not getattr(self.encoder, "word_level_tokenizer", False):
+            return  # BPE tokenizers (open_clip, Hugging Face) have no unknown words; HF CLIP's unk id is its eos
         tok = getattr(self.encoder, "tokenizer", None)
         unk, encode = getattr(tok, "unk_token_id", None), getattr(tok, "encode", None)
-        if unk is None or encode is None or not getattr(tok, "word_level", False):
-            return  # BPE tokenizers (open_clip, Hugging Face) have no unknown words; HF CLIP's unk id is its eos
+        if unk is None or encode is None:
+            return
         bad = [c for c in self.classes if unk in encode(c)]
         if bad:
             shown = ", ".join(repr(c) for c in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

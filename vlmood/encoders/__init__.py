@@ -7,7 +7,8 @@ from .base import Encoder, EncoderSpec, image_items, parse_spec, resolve_device,
 from .registry import register_model, register_tokenizer
 
 
-def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = None, precision: str | None = None) -> Encoder:
+def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = None, precision: str | None = None,
+                 defer: bool = False) -> Encoder:
     """Load a CLIP-style encoder from a spec string.
 
     Args:
@@ -21,8 +22,26 @@ def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = No
             load, as open_clip's ``precision`` option: LayerNorms, embeddings and the logit scale stay float32);
             default bf16 (else fp16) on CUDA, fp32 on CPU. Features are float32 at every precision, and the
             fingerprint names the weights whatever the precision (caches key the precision apart).
+        defer: for runs that mostly read caches (``vlmood eval``, ``score``, ``calibrate`` use it): when these
+            weights were loaded with ``defer=True`` before and are unchanged (a checkpoint file or random
+            initialisation; see :mod:`vlmood.encoders.record`), return a
+            :class:`~vlmood.encoders.deferred.DeferredEncoder` that builds the model only if something is not
+            cached; otherwise load now and record the weights' fingerprint for the next time.
     """
     parsed = spec if isinstance(spec, EncoderSpec) else parse_spec(spec)
+    if defer:
+        from . import record
+
+        dev = resolve_device(device)
+        rec = record.lookup(parsed, resolve_precision(precision, dev))
+        if rec is not None:
+            from .deferred import DeferredEncoder
+
+            return DeferredEncoder(parsed, rec, device=device, precision=precision)
+        guard = record.file_guard(parsed)
+        encoder = load_encoder(parsed, device=device, precision=precision)
+        record.remember(parsed, encoder, guard)
+        return encoder
     if parsed.backend == "open_clip":
         from .open_clip_backend import load_open_clip
 

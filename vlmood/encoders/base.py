@@ -355,6 +355,12 @@ class Encoder(ABC):
         return False
 
     @property
+    def word_level_tokenizer(self) -> bool:
+        """Whether the tokenizer maps every word outside its vocabulary to one unknown token (the toy world's);
+        BPE tokenizers (CLIP's, Hugging Face's) have no unknown words."""
+        return bool(getattr(getattr(self, "tokenizer", None), "word_level", False))
+
+    @property
     def fingerprint(self) -> str:
         """Stable string naming the architecture and the exact weights; used as a cache key."""
         fp = getattr(self, "_fingerprint", None)

@@ -381,6 +381,12 @@ def _quiet_random_init(active: bool):
         logging.getLogger().removeFilter(flt)
 
 
+def fast_tokenizer(tokenizer: Any) -> Any:
+    from .bpe import fast_tokenizer as wrap
+
+    return wrap(tokenizer)
+
+
 def load_open_clip(
     spec: EncoderSpec, device: str | torch.device | None = None, precision: str | None = None
 ) -> OpenCLIPEncoder:
@@ -428,5 +434,6 @@ def load_open_clip(
             sd = {k: v for k, v in sd.items() if not is_clipn_no_key(k)}
         load_matching_state_dict(model, sd, str(spec.checkpoint), arch)
     factory = registry.tokenizer_factory(arch)  # e.g. the toy world's word-level tokenizer
-    tokenizer = factory(spec) if factory is not None else open_clip.get_tokenizer(arch)
+    # open_clip's CLIP BPE tokenizer behind an exact, faster front end (vlmood.encoders.bpe)
+    tokenizer = factory(spec) if factory is not None else fast_tokenizer(open_clip.get_tokenizer(arch))
     return OpenCLIPEncoder(model, preprocess, tokenizer, spec, dev, prec)

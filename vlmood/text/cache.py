@@ -440,6 +440,22 @@ def _views_row(folder: Path) -> dict[str, Any]:
             "detail": "image views of prompt learning", "entries": entries, "bytes": size, "modified": newest}
 
 
+def _record_row(folder: Path) -> dict[str, Any]:
+    """A fingerprint record (:mod:`vlmood.encoders.record`): ``encoders/<24 hex>/record.json``."""
+    try:
+        rec = json.loads((folder / "record.json").read_bytes())
+    except (OSError, ValueError):
+        rec = {}
+    rec = rec if isinstance(rec, dict) else {}
+    ident = rec.get("identity") if isinstance(rec.get("identity"), dict) else {}
+    size, newest, files = _scan(folder)
+    what = ident.get("path") if ident.get("kind") == "file" else ident.get("spec")
+    return {"kind": "encoder-record", "path": str(folder), "fingerprint": str(rec.get("fingerprint") or UNKNOWN),
+            "spec": rec.get("spec") if isinstance(rec.get("spec"), str) else None, "precision": None,
+            "detail": f"fingerprint record of {what}" if isinstance(what, str) else "fingerprint record",
+            "entries": sum(1 for p in files if p.name == "record.json"), "bytes": size, "modified": newest}
+
+
 def _lvlm_row(folder: Path) -> dict[str, Any]:
     size, newest, files = _scan(folder)
     entries = sum(1 for p in files if p.suffix == ".json" and _is_hex(p.stem, 64) and p.parent.parent == folder)
@@ -461,7 +477,7 @@ def _subdirs(folder: Path) -> list[Path]:
 def cache_info(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """One row per cache folder under ``root`` (default :func:`vlmood._paths.cache_root`).
 
-    Rows (dicts): ``kind`` (``"text"``, ``"features"``, ``"tuning-views"``, ``"lvlm"``), ``path``, ``fingerprint``
+    Rows (dicts): ``kind`` (``"text"``, ``"features"``, ``"tuning-views"``, ``"encoder-record"``, ``"lvlm"``), ``path``, ``fingerprint``
     of the encoder (:data:`UNKNOWN` when not recorded), ``spec`` (None when not recorded: caches written before
     vlmood recorded it), ``precision``, ``detail`` (features: preprocessing and global/local), ``entries``
     (embedding rows, view rows or replies), ``bytes`` (regular files, temporary ones included) and ``modified``
@@ -473,6 +489,7 @@ def cache_info(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     for kind in _EMBEDDING_KINDS:
         rows += [_embedding_row(kind, d) for d in _subdirs(base / kind) if _is_hex(d.name, 24)]
     rows += [_views_row(d) for d in _subdirs(base / "tuning-views") if _is_hex(d.name, 32)]
+    rows += [_record_row(d) for d in _subdirs(base / "encoders") if _is_hex(d.name, 24)]
     lvlm = base / "lvlm"
     if lvlm.is_dir() and not lvlm.is_symlink():
         rows.append(_lvlm_row(lvlm))

@@ -1,0 +1,280 @@
+"""Warm runs: fingerprint records let a cached re-run answer without building the model (``load_encoder(...,
+defer=True)``, :class:`DeferredEncoder`), records never outlive the weights they describe, and ``import vlmood``
+stays light."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import vlmood
+import vlmood.encoders.open_clip_backend as ocb
+from vlmood.cli import main
+from vlmood.encoders import load_encoder, parse_spec
+from vlmood.encoders import record as rec_mod
+from vlmood.encoders.deferred import DeferredEncoder
+from vlmood.errors import EncoderLoadError
+from vlmood.testing import TINY_ARCH, tiny_encoder
+from vlmood.text.cache import cache_info, clear_cache
+
+from test_bounded_memory import make_images  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ckpt(tmp_path, monkeypatch):
+    """A saved tiny encoder; records may be written at once (no racy-file wait)."""
+    monkeypatch.setattr(rec_mod, "RACY_SECONDS", 0.0)
+    path = tmp_path / "tiny.safetensors"
+    tiny_encoder(seed=3).save(path)
+    return path
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Counts the models actually built."""
+    calls = []
+    real = ocb.load_open_clip
+
+    def counting(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(ocb, "load_open_clip", counting)
+    return calls
+
+
+def spec_of(path):
+    return f"open_clip:{TINY_ARCH}@{path}"
+
+
+def test_second_deferred_load_builds_nothing_and_matches_the_real_encoder(ckpt, loads):
+    first = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    assert not isinstance(first, DeferredEncoder) and len(loads) == 1
+    second = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    assert isinstance(second, DeferredEncoder) and not second.loaded and len(loads) == 1
+    for name in ("fingerprint", "logit_scale", "embed_dim", "supports_local", "preprocess_key", "exact_text_trimming",
+                 "cache_precision", "precision", "image_batch_size", "text_batch_size", "word_level_tokenizer"):
+        assert getattr(second, name) == getattr(first, name), name
+    assert str(second.device) == str(first.device) and second.spec == first.spec
+    assert "model not built yet" in repr(second)
+    assert len(loads) == 1
+    # anything the record does not hold builds the real model once, checked against the record
+    x = torch_rand(2)
+    assert np.array_equal(second.encode_images(x).numpy(), first.encode_images(x).numpy())
+    assert second.loaded and len(loads) == 2
+    assert second.model is second.materialize().model and len(loads) == 2
+
+
+def torch_rand(n):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 3, 32, 32, generator=g)
+
+
+def test_not_deferred_without_defer_or_for_unrecorded_weights(ckpt, loads):
+    assert not isinstance(load_encoder(spec_of(ckpt), device="cpu"), DeferredEncoder)
+    assert not list((Path(os.environ["VLMOOD_CACHE"]) / "encoders").glob("*"))  # defer=False records nothing
+    assert rec_mod.weights_identity(parse_spec("open_clip:ViT-B-16/openai")) is None  # pretrained tags always load
+    assert rec_mod.weights_identity(parse_spec("hf:some/dir")) is None
+
+
+def test_random_init_is_recorded_by_spec(loads):
+    spec = f"open_clip:{TINY_ARCH}/none:seed=5"
+    real = load_encoder(spec, device="cpu", defer=True)
+    again = load_encoder(spec, device="cpu", defer=True)
+    assert isinstance(again, DeferredEncoder) and again.fingerprint == real.fingerprint
+    other = load_encoder(f"open_clip:{TINY_ARCH}/none:seed=6", device="cpu", defer=True)
+    assert not isinstance(other, DeferredEncoder) and other.fingerprint != real.fingerprint
+
+
+def rewrite_same_size(path, seed):
+    """Replace the file's bytes in place with another model's of the same size, and put the mtime back."""
+    st = os.stat(path)
+    other = path.with_name("other.safetensors")
+    tiny_encoder(seed=seed).save(other)
+    data = other.read_bytes()
+    assert len(data) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size == st.st_size
+
+
+def test_a_rewritten_file_with_the_old_size_and_mtime_is_not_served_from_its_record(ckpt, loads):
+    first = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    rewrite_same_size(ckpt, seed=4)
+    again = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    assert not isinstance(again, DeferredEncoder)  # the change time (and the sampled bytes) differ
+    assert again.fingerprint != first.fingerprint
+    third = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    assert isinstance(third, DeferredEncoder) and third.fingerprint == again.fingerprint
+
+
+def test_the_sampled_bytes_guard_alone(ckpt):
+    spec = parse_spec(spec_of(ckpt))
+    guard = rec_mod.file_guard(spec)
+    data = bytearray(ckpt.read_bytes())
+    data[-1] ^= 1
+    ckpt.write_bytes(bytes(data))
+    assert rec_mod.file_guard(spec)["sample"] != guard["sample"]
+
+
+def test_a_file_modified_moments_ago_is_not_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(rec_mod, "RACY_SECONDS", 3600.0)  # every file is "fresh"
+    path = tmp_path / "fresh.safetensors"
+    tiny_encoder(seed=3).save(path)
+    load_encoder(spec_of(path), device="cpu", defer=True)
+    assert not isinstance(load_encoder(spec_of(path), device="cpu", defer=True), DeferredEncoder)
+
+
+def test_a_file_changed_during_the_load_is_not_recorded(ckpt, monkeypatch):
+    real = ocb.load_open_clip
+
+    def changing(*a, **k):
+        out = real(*a, **k)
+        rewrite_same_size(ckpt, seed=4)
+        return out
+
+    monkeypatch.setattr(ocb, "load_open_clip", changing)
+    load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    monkeypatch.setattr(ocb, "load_open_clip", real)
+    assert not isinstance(load_encoder(spec_of(ckpt), device="cpu", defer=True), DeferredEncoder)
+
+
+def test_symlink_records_the_target_and_follows_a_retargeted_link(tmp_path, ckpt, loads):
+    other = tmp_path / "b.safetensors"
+    tiny_encoder(seed=9).save(other)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(ckpt)
+    a = load_encoder(spec_of(link), device="cpu", defer=True)
+    assert isinstance(load_encoder(spec_of(ckpt), device="cpu", defer=True), DeferredEncoder)  # same real file
+    link.unlink()
+    link.symlink_to(other)
+    b = load_encoder(spec_of(link), device="cpu", defer=True)
+    assert not isinstance(b, DeferredEncoder) and b.fingerprint != a.fingerprint
+
+
+def test_other_library_versions_or_precision_invalidate(ckpt, monkeypatch):
+    load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    assert isinstance(load_encoder(spec_of(ckpt), device="cpu", defer=True), DeferredEncoder)
+    # a precision never loaded has no recorded logit scale: loaded once, then recorded beside fp32
+    bf = load_encoder(spec_of(ckpt), device="cpu", precision="bf16", defer=True)
+    assert not isinstance(bf, DeferredEncoder)
+    bf2 = load_encoder(spec_of(ckpt), device="cpu", precision="bf16", defer=True)
+    assert isinstance(bf2, DeferredEncoder) and bf2.logit_scale == bf.logit_scale and bf2.cache_precision == "bf16-weights"
+    assert isinstance(load_encoder(spec_of(ckpt), device="cpu", defer=True), DeferredEncoder)
+    versions = rec_mod._versions()
+    monkeypatch.setattr(rec_mod, "_versions", lambda: {**versions, "open_clip_torch": "0.0.0"})
+    assert not isinstance(load_encoder(spec_of(ckpt), device="cpu", defer=True), DeferredEncoder)
+
+
+def test_a_record_that_lies_is_caught_when_the_model_is_built(ckpt):
+    load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    path = next((Path(os.environ["VLMOOD_CACHE"]) / "encoders").glob("*/record.json"))
+    data = json.loads(path.read_text())
+    data["fingerprint"] = "open_clip:x:" + "0" * 32
+    path.write_text(json.dumps(data))
+    enc = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    assert isinstance(enc, DeferredEncoder)
+    with pytest.raises(EncoderLoadError, match="changed while this run used their record.*run again"):
+        enc.encode_images(torch_rand(1))
+    assert not path.exists()  # removed: the next run loads and records afresh
+
+
+@pytest.mark.parametrize("garbage", ["{", "[]", '{"version": 1}', ""])
+def test_a_damaged_record_is_ignored(ckpt, garbage):
+    load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    path = next((Path(os.environ["VLMOOD_CACHE"]) / "encoders").glob("*/record.json"))
+    path.write_text(garbage)
+    assert not isinstance(load_encoder(spec_of(ckpt), device="cpu", defer=True), DeferredEncoder)
+
+
+def test_benchmark_from_caches_equals_the_real_run_and_builds_nothing(tmp_path, ckpt, loads):
+    make_images(tmp_path / "id" / "cat", 4, 1)
+    make_images(tmp_path / "id" / "dog", 4, 2)
+    make_images(tmp_path / "ood", 5, 3)
+    bench = vlmood.Benchmark(id=tmp_path / "id", ood={"far": {"noise": tmp_path / "ood"}}, classes=["cat", "dog"])
+    dets = ["mcm", "energy", "maxlogit", "glmcm"]
+    real = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    cold = bench.run(real, dets, batch_size=3, num_workers=0)
+    warm_enc = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    warm = bench.run(warm_enc, dets, batch_size=3, num_workers=0)
+    assert isinstance(warm_enc, DeferredEncoder) and not warm_enc.loaded and len(loads) == 1
+    for m in dets:
+        for name in cold.scores[m]:
+            assert np.array_equal(cold.scores[m][name], warm.scores[m][name]), (m, name)
+    assert warm.provenance["encoder"]["fingerprint"] == real.fingerprint
+    # one image more: only then is the model built, and the scores still equal a real encoder's
+    make_images(tmp_path / "ood2", 1, 8)
+    (tmp_path / "ood2" / "000.png").rename(tmp_path / "ood" / "zzz.png")
+    more = bench.run(warm_enc, dets, batch_size=3, num_workers=0)
+    assert warm_enc.loaded and len(loads) == 2
+    fresh = bench.run(tiny_encoder(seed=3), dets, batch_size=3, num_workers=0, cache=False)
+    for m in dets:
+        np.testing.assert_allclose(more.scores[m]["noise"], fresh.scores[m]["noise"], rtol=0, atol=1e-6)
+
+
+def test_cli_eval_warm_builds_no_model_and_writes_the_same_report(tmp_path, ckpt, loads, capsys):
+    make_images(tmp_path / "id" / "cat", 3, 1)
+    make_images(tmp_path / "id" / "dog", 3, 2)
+    make_images(tmp_path / "ood", 4, 3)
+    args = ["eval", "--model", spec_of(ckpt), "--classes", "cat,dog", "--id", str(tmp_path / "id"),
+            "--ood", f"far/noise={tmp_path / 'ood'}", "--methods", "mcm,glmcm", "--workers", "0", "--no-plots"]
+    assert main(args + ["--report", str(tmp_path / "r1")]) == 0
+    assert main(args + ["--report", str(tmp_path / "r2")]) == 0
+    assert len(loads) == 1
+    assert (tmp_path / "r1" / "scores.csv").read_text() == (tmp_path / "r2" / "scores.csv").read_text()
+    assert not list((tmp_path / "r2").glob("*.png"))
+    # --no-cache never defers (and never records)
+    assert main(args + ["--report", str(tmp_path / "r3"), "--no-cache"]) == 0
+    assert len(loads) == 2
+
+
+def test_no_plots_names_stale_figures(tmp_path, ckpt, capsys):
+    make_images(tmp_path / "id" / "cat", 2, 1)
+    make_images(tmp_path / "id" / "dog", 2, 2)
+    make_images(tmp_path / "ood", 2, 3)
+    args = ["eval", "--model", spec_of(ckpt), "--classes", "cat,dog", "--id", str(tmp_path / "id"),
+            "--ood", f"noise={tmp_path / 'ood'}", "--workers", "0", "--report", str(tmp_path / "r")]
+    assert main(args) == 0
+    assert (tmp_path / "r" / "comparison.png").is_file()
+    capsys.readouterr()
+    assert main(args + ["--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "still holds figures of an earlier run (comparison.png, hist_mcm.png, roc.png)" in err
+
+
+def test_cache_info_lists_records_and_clear_removes_them(ckpt):
+    enc = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    rows = [r for r in cache_info() if r["kind"] == "encoder-record"]
+    assert len(rows) == 1 and rows[0]["fingerprint"] == enc.fingerprint and rows[0]["entries"] == 1
+    assert os.path.realpath(ckpt) in rows[0]["detail"]
+    out = clear_cache(encoder=enc.fingerprint)
+    assert [r["kind"] for r in out["removed"]] == ["encoder-record"]
+    assert not isinstance(load_encoder(spec_of(ckpt), device="cpu", defer=True), DeferredEncoder)
+
+
+def test_import_vlmood_and_version_do_not_import_torch():
+    code = ("import sys, vlmood, vlmood.cli\n"
+            "assert 'torch' not in sys.modules, 'import'\n"
+            "assert vlmood.cli.main(['--version']) == 0\n"
+            "assert 'torch' not in sys.modules, 'version'\n"
+            "assert sorted(vlmood.__all__) == sorted(set(vlmood.__all__)) and 'MCM' in dir(vlmood)\n"
+            "import vlmood as v; v.MCM; assert 'torch' in sys.modules\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"vlmood {vlmood.__version__}"
+
+
+def test_every_public_name_resolves():
+    for name in vlmood.__all__:
+        assert getattr(vlmood, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        vlmood.nope  # noqa: B018
