@@ -226,3 +226,18 @@ def test_pack_keeps_float64_bits():
     assert packed.dtype == torch.float32 and torch.isfinite(packed).all() and packed.max() < 2 ** 22
     back = torch.stack([feats_mod._unpack_f64(r) for r in packed])
     assert torch.equal(back.view(torch.int64), v.view(torch.int64))
+
+
+def test_reduced_values_of_other_settings_are_refused(tiny, world):
+    """Features extracted for one GL-MCM and passed back with features= under the same label, for a GL-MCM with
+    another temperature: refused (never scored with the first one's values); the same settings are used as is."""
+    _, bench, dets = world
+    _, reducers = feats_mod.local_plan(bench.build_detectors(tiny, {"glmcm": "glmcm"}))
+    feats = bench.extract(tiny, local=False, cache=False, local_reducers=reducers, batch_size=BS, num_workers=0,
+                          progress=False)
+    assert feats["ID"].reduced_keys["glmcm"] == reducers["glmcm"].cache_key
+    same = bench.run(tiny, {"glmcm": "glmcm"}, features=feats, progress=False)
+    fresh = bench.run(tiny, {"glmcm": "glmcm"}, cache=False, batch_size=BS, num_workers=0, progress=False)
+    np.testing.assert_array_equal(same.scores["glmcm"]["noise"], fresh.scores["glmcm"]["noise"])
+    with pytest.raises(InvalidInputError, match="reduced values under 'glmcm' were computed by another detector"):
+        bench.run(tiny, {"glmcm": {"method": "glmcm", "temperature": 0.5}}, features=feats, progress=False)

@@ -55,6 +55,8 @@ class Features:
         name: the source's name.
         reduced: ``{label: [N] or [N, k] float64}``, the values of each of ``extract_features``'s
             ``local_reducers`` (a reducer's ``[B, 1]`` comes back as ``[N]``), rows aligned with ``features``.
+        reduced_keys: ``{label: cache_key}`` of the reducer that computed each ``reduced`` entry (None when it had
+            none); :func:`score_detector` refuses values whose key is not the scoring detector's own.
     """
 
     features: torch.Tensor
@@ -64,6 +66,7 @@ class Features:
     errors: list[tuple[str, str]] = field(default_factory=list)
     name: str = "images"
     reduced: dict[str, torch.Tensor] = field(default_factory=dict)
+    reduced_keys: dict[str, str | None] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -346,6 +349,7 @@ def extract_features(
         for label, fn in reducers.items():
             out = torch.cat([_reduce(fn, label, loc[i : i + bs]) for i in range(0, len(order), bs)])
             feats.reduced[label] = out[:, 0].contiguous() if out.shape[1] == 1 else out
+            feats.reduced_keys[label] = getattr(fn, "cache_key", None)
     return feats
 
 
@@ -457,6 +461,7 @@ def _extract_reduced(encoder: "Encoder", src: ImageSource, reducers: dict[str, L
         name=src.name,
         reduced={label: pick(rbuf[label][:, 0] if rbuf[label].shape[1] == 1 else rbuf[label]).contiguous()
                  for label in reducers},
+        reduced_keys={label: getattr(fn, "cache_key", None) for label, fn in reducers.items()},
     )
 
 
@@ -650,5 +655,14 @@ def score_detector(detector: Any, features: Features, label: str) -> "np.ndarray
     """``detector``'s scores of ``features``: from the values of its local reducer (``features.reduced[label]``,
     see :func:`local_plan`) when the patch features themselves were not kept, else ``score_features``."""
     if getattr(detector, "needs_local", False) and features.local is None and label in features.reduced:
+        stored = features.reduced_keys.get(label)
+        if stored is not None:  # values of another detector's settings under the same label are never used
+            make = getattr(detector, "local_reducer", None)
+            fn = make() if make is not None else None
+            if getattr(fn, "cache_key", None) != stored:
+                raise InvalidInputError(
+                    f"the {features.name!r} features' reduced values under {label!r} were computed by another "
+                    f"detector's settings or text side (reducer {stored}, this detector's "
+                    f"{getattr(fn, 'cache_key', None)}); extract the features again with this detector")
         return detector.score_reduced(features, features.reduced[label])
     return detector.score_features(features)
