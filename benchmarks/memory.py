@@ -84,7 +84,7 @@ def child(args: argparse.Namespace) -> None:
         (cfg / "bench-b16-shape.json").write_text(json.dumps(B16_SHAPE))
         open_clip.add_model_config(cfg)
         model = "open_clip:bench-b16-shape/none"
-    enc = load_encoder(model, device="cpu")
+    enc = load_encoder(model, device="cpu", precision=args.precision)
     data = Path(args.data) / str(args.size)
     bench = vlmood.Benchmark(id=data / "id", ood={"far": {"noise": data / "ood"}}, classes=CLASSES)
     lexicon = ROOT / "lexicons" / "wordnet-3.0" / "noun.shape.txt"
@@ -116,6 +116,8 @@ def main() -> None:
                    choices=["before", "after", "after+cache"])
     p.add_argument("--model", default="b16-shape", help="encoder spec, or b16-shape (see the docstring)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="weights' precision (bf16: about 3x faster on a CPU with native bf16, same feature sizes)")
     p.add_argument("--repeats", type=int, default=1, help="runs per (path, size), to show the noise")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: on 2 shared cores, 2 "
                    "threads ran 6x slower; memory does not depend on it)")
@@ -139,7 +141,8 @@ def main() -> None:
         for path, size, rep in [(p, s, r) for p in args.paths for s in args.sizes for r in range(args.repeats)]:
             env = dict(os.environ, VLMOOD_CACHE=str(Path(tmp) / f"cache-{path}-{size}-{rep}"))  # cold, private
             cmd = [sys.executable, __file__, "--child", "--data", tmp, "--size", str(size), "--path", path,
-                   "--model", args.model, "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+                   "--model", args.model, "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+                   "--precision", args.precision]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{path:<12} {size:>7} failed (exit {out.returncode}): {out.stderr.strip()[-2000:]}")

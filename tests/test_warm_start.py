@@ -85,6 +85,58 @@ def test_not_deferred_without_defer_or_for_unrecorded_weights(ckpt, loads):
     assert rec_mod.weights_identity(parse_spec("hf:some/dir")) is None
 
 
+def test_schema_specs_are_never_recorded():
+    for spec in ("open_clip:local-dir:mymodel/none", "open_clip:hf-hub:org/repo"):
+        assert rec_mod.weights_identity(parse_spec(spec)) is None, spec
+
+
+def test_assignments_go_to_the_real_encoder_so_keys_follow(ckpt):
+    load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    enc = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    default_key = enc.preprocess_key
+    custom = lambda im: None  # noqa: E731
+    enc.preprocess = custom
+    assert enc.loaded and enc.preprocess is custom and enc.preprocess_key == repr(custom) != default_key
+    enc.image_batch_size = 5
+    assert enc.materialize().image_batch_size == 5
+
+
+def test_built_outside_inference_mode_and_once_across_threads(ckpt, loads):
+    import threading
+
+    import torch
+
+    load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    enc = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    with torch.inference_mode():
+        enc.encode_images(torch_rand(1))
+    assert not any(p.is_inference() for p in enc.model.parameters())
+    enc2 = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    n = len(loads)
+    threads = [threading.Thread(target=enc2.encode_images, args=(torch_rand(1),)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(loads) == n + 1
+
+
+def test_toy_world_warm_fit_builds_nothing(loads):
+    import torch
+
+    from vlmood.toyworld import ID_SHAPES
+
+    classes = list(ID_SHAPES)
+    cold = vlmood.MCM(load_encoder("toyworld", device="cpu", defer=True), classes).fit()
+    enc = load_encoder("toyworld", device="cpu", defer=True)
+    assert isinstance(enc, DeferredEncoder)
+    warm = vlmood.MCM(enc, classes).fit()  # the unknown-word check runs on the registered word-level tokenizer
+    assert not enc.loaded and torch.equal(warm.text_features, cold.text_features)
+    with pytest.warns(UserWarning, match="unknown to the tokenizer"):
+        vlmood.MCM(enc, classes + ["zebra"])._warn_unknown_words()
+    assert not enc.loaded and len(loads) == 1
+
+
 def test_random_init_is_recorded_by_spec(loads):
     spec = f"open_clip:{TINY_ARCH}/none:seed=5"
     real = load_encoder(spec, device="cpu", defer=True)
@@ -264,8 +316,11 @@ def test_cache_info_lists_records_and_clear_removes_them(ckpt):
 def test_import_vlmood_and_version_do_not_import_torch():
     code = ("import sys, vlmood, vlmood.cli\n"
             "assert 'torch' not in sys.modules, 'import'\n"
+            "assert vlmood.errors.VlmoodError and vlmood.data.as_source and vlmood.metrics.evaluate\n"
+            "assert 'torch' not in sys.modules, 'submodules'\n"
             "assert vlmood.cli.main(['--version']) == 0\n"
             "assert 'torch' not in sys.modules, 'version'\n"
+            "assert vlmood.evaluation.list_suites and vlmood.toyworld and vlmood.encoders.load_encoder\n"
             "assert sorted(vlmood.__all__) == sorted(set(vlmood.__all__)) and 'MCM' in dir(vlmood)\n"
             "import vlmood as v; v.MCM; assert 'torch' in sys.modules\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -278,3 +333,10 @@ def test_every_public_name_resolves():
         assert getattr(vlmood, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         vlmood.nope  # noqa: B018
+
+
+def test_cli_demo_with_and_without_plots(tmp_path):
+    assert main(["demo", "--n", "10", "--report", str(tmp_path / "d"), "--device", "cpu", "--no-plots"]) == 0
+    assert (tmp_path / "d" / "scores.csv").is_file() and not list((tmp_path / "d").glob("*.png"))
+    assert main(["demo", "--n", "10", "--report", str(tmp_path / "e"), "--device", "cpu"]) == 0
+    assert (tmp_path / "e" / "comparison.png").is_file()

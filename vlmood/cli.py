@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "report.")
     dm.add_argument("--report", default="vlmood-demo", metavar="DIR", help="output folder (default vlmood-demo)")
     dm.add_argument("--n", type=int, default=300, help="images per set (default 300)")
+    dm.add_argument("--no-plots", action="store_true", help="write the tables and per-image scores only")
     dm.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
     n = sub.add_parser("mine-negatives", help="mine NegLabel/CSP negative labels for a class list",

@@ -1,6 +1,8 @@
 """Encoders: one :class:`Encoder` interface over open_clip and Hugging Face transformers models."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .base import Encoder, EncoderSpec, image_items, parse_spec, resolve_device, resolve_precision
@@ -32,8 +34,10 @@ def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = No
     if defer:
         from . import record
 
-        dev = resolve_device(device)
-        rec = record.lookup(parsed, resolve_precision(precision, dev))
+        with warnings.catch_warnings():  # the precision's own warning comes once, from the encoder built below
+            warnings.simplefilter("ignore")
+            prec = resolve_precision(precision, resolve_device(device))
+        rec = record.lookup(parsed, prec)
         if rec is not None:
             from .deferred import DeferredEncoder
 

@@ -68,9 +68,15 @@ class FastCLIPTokenizer:
         self._rust: Any = False  # built on first use (None: not available)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "inner":
+        if name in ("inner", "_ids", "_rust"):
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # e.g. context_length: the wrapped tokenizer's
+        if name in ("inner", "_ids", "_rust"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
 
     def _word_ids(self, word: str) -> list[int]:
         ids = self._ids.get(word)

@@ -3,22 +3,29 @@
 :func:`vlmood.load_encoder` with ``defer=True`` returns a :class:`DeferredEncoder` when a valid fingerprint record
 exists for the spec's weights (:mod:`vlmood.encoders.record`). It has the real encoder's fingerprint, logit scale,
 embedding width, preprocessing key and the other properties caches and detectors read, so a run whose images and
-prompts are all cached never builds the model. Anything else (encoding an image or a prompt that is not cached, the
-``model``, ``preprocess``, the tokenizer of an open_clip architecture) builds the real encoder once, checks that its
-fingerprint is the recorded one, and delegates to it from then on.
+prompts are all cached never builds the model. The tokenizer of an architecture with a registered one (the toy
+world's) is built alone. Anything else (encoding an image or a prompt that is not cached, the ``model``,
+``preprocess``, open_clip's tokenizer, assigning an attribute other than the batch sizes) builds the real encoder
+once (outside any ``torch.inference_mode``, so it can still be trained through), checks that its fingerprint is the
+recorded one, and from then on every property and attribute is the real encoder's.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Sequence
 
 import torch
 
 from ..errors import EncoderLoadError
 from . import record as _record
+from . import registry
 from .base import Encoder, EncoderSpec, ImageInput, resolve_device, resolve_precision
 
-_OWN = frozenset({"_real", "_card", "_fingerprint", "_device_arg", "_precision_arg", "_tokenizer"})
+_OWN = frozenset({"_real", "_card", "_fingerprint", "_device_arg", "_precision_arg", "_tokenizer", "spec", "device",
+                  "precision", "image_batch_size", "text_batch_size"})
+"""The proxy's own attributes; any other assignment goes to the real encoder (built for it)."""
+_BUILD = threading.RLock()  # one build per proxy, whichever thread asks first
 
 
 class DeferredEncoder(Encoder):
@@ -26,6 +33,7 @@ class DeferredEncoder(Encoder):
 
     def __init__(self, spec: EncoderSpec, rec: dict[str, Any], device: Any = None, precision: str | None = None):
         object.__setattr__(self, "_real", None)
+        self._tokenizer = None
         self.spec = spec
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -35,32 +43,46 @@ class DeferredEncoder(Encoder):
         self.image_batch_size = int(self._card["image_batch_size"])
         self.text_batch_size = int(self._card["text_batch_size"])
 
+    def _recorded(self, name: str) -> Any:
+        """The real encoder's ``name`` once built, else the record's."""
+        return getattr(self._real, name) if self._real is not None else self._card[name]
+
     # ---------------------------------------------------------------- from the record
     @property
     def logit_scale(self) -> float:
+        if self._real is not None:
+            return self._real.logit_scale
         return float(self._card["logit_scale"][self.precision])
 
     @property
     def embed_dim(self) -> int:
-        return int(self._card["embed_dim"])
+        return int(self._recorded("embed_dim"))
 
     @property
     def supports_local(self) -> bool:
-        return bool(self._card["supports_local"])
+        return bool(self._recorded("supports_local"))
 
     @property
     def preprocess_key(self) -> str:
-        return str(self._card["preprocess_key"])
+        return str(self._recorded("preprocess_key"))
 
     @property
     def exact_text_trimming(self) -> bool:
-        return bool(self._card["exact_text_trimming"])
+        return bool(self._recorded("exact_text_trimming"))
 
     @property
     def word_level_tokenizer(self) -> bool:
-        if self._real is None:
-            return bool(self._card["word_level_tokenizer"])
-        return self._real.word_level_tokenizer
+        return bool(self._recorded("word_level_tokenizer"))
+
+    @property
+    def tokenizer(self) -> Any:
+        """The real encoder's tokenizer; before the model is built, a registered architecture tokenizer (the toy
+        world's) is built on its own, as the real encoder builds it; open_clip's own needs the real encoder."""
+        if self._real is None and self._tokenizer is None:
+            factory = registry.tokenizer_factory(self.spec.name)
+            if factory is not None:
+                self._tokenizer = factory(self.spec)
+        return self._tokenizer if self._real is None and self._tokenizer is not None else self.materialize().tokenizer
 
     @property
     def loaded(self) -> bool:
@@ -71,17 +93,23 @@ class DeferredEncoder(Encoder):
     def materialize(self) -> Encoder:
         """Build the real encoder (once) and return it; its fingerprint must be the recorded one."""
         if self._real is None:
-            from . import load_encoder
-
-            real = load_encoder(self.spec, device=self._device_arg, precision=self._precision_arg)
-            if real.fingerprint != self._fingerprint:
-                _record.forget(self.spec)
-                raise EncoderLoadError(
-                    f"the weights of {self.spec} changed while this run used their record (recorded fingerprint "
-                    f"{self._fingerprint}, now {real.fingerprint}); the record is removed: run again")
-            real.image_batch_size, real.text_batch_size = self.image_batch_size, self.text_batch_size
-            object.__setattr__(self, "_real", real)
+            with _BUILD:
+                if self._real is None:
+                    self._build()
         return self._real
+
+    def _build(self) -> None:
+        from . import load_encoder
+
+        with torch.inference_mode(False):  # parameters built inside inference_mode could never be trained through
+            real = load_encoder(self.spec, device=self._device_arg, precision=self._precision_arg)
+        if real.fingerprint != self._fingerprint:
+            _record.forget(self.spec)
+            raise EncoderLoadError(
+                f"the weights of {self.spec} changed while this run used their record (recorded fingerprint "
+                f"{self._fingerprint}, now {real.fingerprint}); the record is removed: run again")
+        real.image_batch_size, real.text_batch_size = self.image_batch_size, self.text_batch_size
+        object.__setattr__(self, "_real", real)
 
     def __getattr__(self, name: str) -> Any:  # only for what this object does not have (model, preprocess, ...)
         if name in _OWN or (name.startswith("__") and name.endswith("__")):
@@ -89,6 +117,9 @@ class DeferredEncoder(Encoder):
         return getattr(self.materialize(), name)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _OWN:  # e.g. preprocess or tokenizer: the real encoder's, so that its keys follow
+            setattr(self.materialize(), name, value)
+            return
         object.__setattr__(self, name, value)
         if name in ("image_batch_size", "text_batch_size") and self._real is not None:
             setattr(self._real, name, value)

@@ -18,10 +18,13 @@ What a record is keyed and validated by (``cache_root()/encoders/<24 hex>/record
   rewrite within one timestamp tick of a coarse file system cannot share the recorded stamps (git's "racy clean"
   rule);
 - random initialisation (``open_clip:ARCH/none[:seed=N]``): the spec;
-- both: the versions of vlmood, open_clip and torch (the model built from a file or a seed depends on them).
+- both: the versions of vlmood, open_clip, torch and torchvision (the model built from a file or a seed, and its
+  preprocessing, depend on them) and a hash of vlmood's own architecture configs.
 
-Pretrained tags (weights in the Hugging Face hub cache), ``open_clip:hf-hub:`` and ``hf:`` models are not recorded:
-they always load. Records are tiny; ``vlmood cache info`` lists them and ``vlmood cache clear`` removes them.
+Pretrained tags (weights in the Hugging Face hub cache), ``open_clip:hf-hub:``, ``open_clip:local-dir:`` and ``hf:``
+models are not recorded: they always load. An architecture registered at run time with
+``open_clip.add_model_config`` is not tracked: do not defer loads of such a model. Records are tiny;
+``vlmood cache info`` lists them and ``vlmood cache clear`` removes them.
 """
 from __future__ import annotations
 
@@ -51,13 +54,25 @@ def _versions() -> dict[str, str]:
 
     from .. import __version__
 
-    out = {"vlmood": __version__}
-    for dist in ("open_clip_torch", "torch"):
+    out = {"vlmood": __version__, "vlmood_configs": _configs_hash()}
+    for dist in ("open_clip_torch", "torch", "torchvision"):  # torchvision: the preprocessing transforms
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = "absent"
     return out
+
+
+def _configs_hash() -> str:
+    """A hash of vlmood's own architecture configs (``vlmood/encoders/configs/*.json``), which may change within a
+    version in a source checkout."""
+    h = hashlib.blake2b(digest_size=8)
+    folder = Path(__file__).resolve().parent / "configs"
+    for p in sorted(folder.glob("*.json")):
+        h.update(p.name.encode())
+        with contextlib.suppress(OSError):
+            h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 def _file_state(path: Path) -> dict[str, int] | None:
@@ -87,7 +102,7 @@ def _sample(path: Path, size: int) -> str | None:
 def weights_identity(spec: "EncoderSpec") -> dict[str, Any] | None:
     """The identity a record is keyed by: ``{"kind": "file", "path", "arch"}`` or ``{"kind": "random", "spec"}``;
     None for weights that are never recorded (pretrained tags, hub models, ``hf:``)."""
-    if spec.backend != "open_clip":
+    if spec.backend != "open_clip" or ":" in spec.name:  # hf-hub:, local-dir: ... load weights of their own
         return None
     if spec.checkpoint is not None:
         return {"kind": "file", "path": os.path.realpath(spec.checkpoint), "arch": spec.name}
