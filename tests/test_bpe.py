@@ -80,6 +80,15 @@ def test_lone_surrogate_and_set_context_length(toks):
     assert torch.equal(fresh(ADVERSARIAL), fresh_ref(ADVERSARIAL)) and fresh("x").shape == (1, 16)
 
 
+def test_copies_keep_their_own_settings(toks):
+    import copy
+
+    _, fast = toks
+    for dup in (copy.copy(fast), copy.deepcopy(fast)):
+        dup.context_length = 16
+        assert fast.context_length == 77 and dup("x").shape == (1, 16) and fast("x").shape == (1, 77)
+
+
 def test_random_ascii_and_the_plain_rule(toks):
     ref, fast = toks
     rng = random.Random(0)

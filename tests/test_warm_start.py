@@ -101,6 +101,36 @@ def test_assignments_go_to_the_real_encoder_so_keys_follow(ckpt):
     assert enc.materialize().image_batch_size == 5
 
 
+def test_unknown_names_monkeypatching_and_mirrored_fields(ckpt, loads, monkeypatch):
+    load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    enc = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    assert getattr(enc, "_repr_html_", None) is None and not hasattr(enc, "generate_many")
+    assert not enc.loaded and len(loads) == 1  # probes for names the real encoder lacks build nothing
+    x = torch_rand(1)
+    with monkeypatch.context() as m:
+        m.setattr(enc, "encode_images", lambda *a, **k: "fake")
+        assert enc.encode_images(x) == "fake" and not enc.loaded
+    assert enc.encode_images(x).shape == (1, enc.embed_dim) and enc.loaded  # undone: the real one again
+    m2 = pytest.MonkeyPatch()
+    m2.setattr(enc, "custom_flag", 1, raising=False)
+    assert enc.materialize().custom_flag == 1
+    m2.undo()
+    assert not hasattr(enc.materialize(), "custom_flag")
+    enc.image_batch_size, enc.device = 7, enc.device
+    assert enc.materialize().image_batch_size == 7
+    with pytest.raises(AttributeError):
+        enc.logit_scale = 3.0  # a property, as on the real encoder
+
+
+def test_toy_world_tokenizer_handed_out_before_the_build_is_kept():
+    load_encoder("toyworld", device="cpu", defer=True)
+    enc = load_encoder("toyworld", device="cpu", defer=True)
+    tok = enc.tokenizer
+    assert isinstance(enc, DeferredEncoder) and not enc.loaded
+    enc.tokenize(["circle"])
+    assert enc.loaded and enc.tokenizer is tok and enc.materialize().tokenizer is tok
+
+
 def test_built_outside_inference_mode_and_once_across_threads(ckpt, loads):
     import threading
 
@@ -113,12 +143,20 @@ def test_built_outside_inference_mode_and_once_across_threads(ckpt, loads):
     assert not any(p.is_inference() for p in enc.model.parameters())
     enc2 = load_encoder(spec_of(ckpt), device="cpu", defer=True)
     n = len(loads)
-    threads = [threading.Thread(target=enc2.encode_images, args=(torch_rand(1),)) for _ in range(4)]
+    errors = []
+
+    def work():
+        try:
+            enc2.encode_images(torch_rand(1))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(loads) == n + 1
+    assert not errors and len(loads) == n + 1
 
 
 def test_toy_world_warm_fit_builds_nothing(loads):

@@ -72,6 +72,16 @@ class FastCLIPTokenizer:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    def __copy__(self) -> "FastCLIPTokenizer":  # a copy's settings are its own, as for a SimpleTokenizer
+        import copy
+
+        return FastCLIPTokenizer(copy.copy(self.inner))
+
+    def __deepcopy__(self, memo: dict) -> "FastCLIPTokenizer":
+        import copy
+
+        return FastCLIPTokenizer(copy.deepcopy(self.inner, memo))
+
     def __setattr__(self, name: str, value: Any) -> None:  # e.g. context_length: the wrapped tokenizer's
         if name in ("inner", "_ids", "_rust"):
             object.__setattr__(self, name, value)

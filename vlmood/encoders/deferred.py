@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -22,9 +23,10 @@ from . import record as _record
 from . import registry
 from .base import Encoder, EncoderSpec, ImageInput, resolve_device, resolve_precision
 
-_OWN = frozenset({"_real", "_card", "_fingerprint", "_device_arg", "_precision_arg", "_tokenizer", "spec", "device",
-                  "precision", "image_batch_size", "text_batch_size"})
-"""The proxy's own attributes; any other assignment goes to the real encoder (built for it)."""
+_PRIVATE = frozenset({"_real", "_card", "_fingerprint", "_device_arg", "_precision_arg", "_tokenizer"})
+_MIRRORED = frozenset({"spec", "device", "precision", "image_batch_size", "text_batch_size"})
+"""Held by the proxy and, once it is built, set on the real encoder too."""
+_OWN = _PRIVATE | _MIRRORED
 _BUILD = threading.RLock()  # one build per proxy, whichever thread asks first
 
 
@@ -50,9 +52,9 @@ class DeferredEncoder(Encoder):
     # ---------------------------------------------------------------- from the record
     @property
     def logit_scale(self) -> float:
-        if self._real is not None:
-            return self._real.logit_scale
-        return float(self._card["logit_scale"][self.precision])
+        if self._real is None and isinstance(self._card["logit_scale"].get(self.precision), float):
+            return float(self._card["logit_scale"][self.precision])
+        return self.materialize().logit_scale
 
     @property
     def embed_dim(self) -> int:
@@ -84,6 +86,10 @@ class DeferredEncoder(Encoder):
                 self._tokenizer = factory(self.spec)
         return self._tokenizer if self._real is None and self._tokenizer is not None else self.materialize().tokenizer
 
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self.materialize().tokenizer = value
+
     @property
     def loaded(self) -> bool:
         """Whether the real encoder has been built."""
@@ -101,7 +107,10 @@ class DeferredEncoder(Encoder):
     def _build(self) -> None:
         from . import load_encoder
 
-        with torch.inference_mode(False):  # parameters built inside inference_mode could never be trained through
+        with torch.inference_mode(False), warnings.catch_warnings():
+            # inference_mode(False): parameters built inside inference mode could never be trained through; the
+            # precision's warning was given when this proxy was made
+            warnings.filterwarnings("ignore", message=r"(bf16|fp16) on CPU", category=UserWarning)
             real = load_encoder(self.spec, device=self._device_arg, precision=self._precision_arg)
         if real.fingerprint != self._fingerprint:
             _record.forget(self.spec)
@@ -109,20 +118,41 @@ class DeferredEncoder(Encoder):
                 f"the weights of {self.spec} changed while this run used their record (recorded fingerprint "
                 f"{self._fingerprint}, now {real.fingerprint}); the record is removed: run again")
         real.image_batch_size, real.text_batch_size = self.image_batch_size, self.text_batch_size
+        if self._tokenizer is not None:  # the registered tokenizer handed out (and perhaps changed) before the build
+            real.tokenizer = self._tokenizer
         object.__setattr__(self, "_real", real)
 
-    def __getattr__(self, name: str) -> Any:  # only for what this object does not have (model, preprocess, ...)
+    def __getattr__(self, name: str) -> Any:
+        """Only for what this object does not have: an attribute of the real encoder (``model``, ``preprocess``,
+        ...; the record lists them) builds it; any other name is an AttributeError, as on the real encoder."""
         if name in _OWN or (name.startswith("__") and name.endswith("__")):
             raise AttributeError(name)
+        card = self.__dict__.get("_card") or {}
+        if self.__dict__.get("_real") is None and name not in card.get("attributes", ()):
+            raise AttributeError(f"{type(self).__name__} (of {card.get('class', 'an encoder')}) has no attribute "
+                                 f"{name!r}")
         return getattr(self.materialize(), name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name not in _OWN:  # e.g. preprocess or tokenizer: the real encoder's, so that its keys follow
-            setattr(self.materialize(), name, value)
+        if name in _OWN or hasattr(type(self), name):  # the proxy's fields, and its methods (e.g. monkeypatched)
+            if isinstance(getattr(type(self), name, None), property):
+                return object.__setattr__(self, name, value)  # a property: its setter, or the usual error
+            object.__setattr__(self, name, value)
+            if name in _MIRRORED:
+                if self._real is not None:
+                    setattr(self._real, name, value)
+                elif name in ("device", "precision"):  # what the real encoder will be built with
+                    object.__setattr__(self, f"_{name}_arg", value)
             return
-        object.__setattr__(self, name, value)
-        if name in ("image_batch_size", "text_batch_size") and self._real is not None:
-            setattr(self._real, name, value)
+        setattr(self.materialize(), name, value)  # e.g. preprocess: the real encoder's, so that its keys follow
+
+    def __delattr__(self, name: str) -> None:
+        if name in self.__dict__:
+            object.__delattr__(self, name)
+        elif self._real is not None and name in self._real.__dict__:
+            delattr(self._real, name)
+        else:
+            raise AttributeError(name)
 
     # ---------------------------------------------------------------- delegated work
     def encode_images(self, images: ImageInput, local: bool = False, batch_size: int | None = None):

@@ -18,8 +18,8 @@ What a record is keyed and validated by (``cache_root()/encoders/<24 hex>/record
   rewrite within one timestamp tick of a coarse file system cannot share the recorded stamps (git's "racy clean"
   rule);
 - random initialisation (``open_clip:ARCH/none[:seed=N]``): the spec;
-- both: the versions of vlmood, open_clip, torch and torchvision (the model built from a file or a seed, and its
-  preprocessing, depend on them) and a hash of vlmood's own architecture configs.
+- both: the versions of vlmood, open_clip, torch, torchvision, timm and transformers (the model built from a file or
+  a seed, and its preprocessing, depend on them) and a hash of vlmood's own architecture configs.
 
 Pretrained tags (weights in the Hugging Face hub cache), ``open_clip:hf-hub:``, ``open_clip:local-dir:`` and ``hf:``
 models are not recorded: they always load. An architecture registered at run time with
@@ -46,7 +46,7 @@ RACY_SECONDS = 3.0
 """A checkpoint modified less than this many seconds before it is recorded is not recorded (see the module doc)."""
 SAMPLE_BYTES = 1 << 20
 _CARD_FIELDS = ("embed_dim", "supports_local", "preprocess_key", "exact_text_trimming", "image_batch_size",
-                "text_batch_size", "word_level_tokenizer")
+                "text_batch_size", "word_level_tokenizer", "attributes", "class")
 
 
 def _versions() -> dict[str, str]:
@@ -55,7 +55,8 @@ def _versions() -> dict[str, str]:
     from .. import __version__
 
     out = {"vlmood": __version__, "vlmood_configs": _configs_hash()}
-    for dist in ("open_clip_torch", "torch", "torchvision"):  # torchvision: the preprocessing transforms
+    # torchvision: the preprocessing transforms; timm, transformers: towers open_clip builds with them
+    for dist in ("open_clip_torch", "torch", "torchvision", "timm", "transformers"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -178,7 +179,8 @@ def remember(spec: "EncoderSpec", encoder: "Encoder", guard_before: dict[str, An
     card = {"embed_dim": int(encoder.embed_dim), "supports_local": bool(encoder.supports_local),
             "preprocess_key": str(encoder.preprocess_key), "exact_text_trimming": bool(encoder.exact_text_trimming),
             "image_batch_size": int(encoder.image_batch_size), "text_batch_size": int(encoder.text_batch_size),
-            "word_level_tokenizer": bool(encoder.word_level_tokenizer), "logit_scale": scales}
+            "word_level_tokenizer": bool(encoder.word_level_tokenizer), "logit_scale": scales,
+            "class": type(encoder).__name__, "attributes": sorted(n for n in dir(encoder) if not n.startswith("__"))}
     rec = {"version": RECORD_VERSION, "identity": ident, "spec": str(spec), "fingerprint": encoder.fingerprint,
            "versions": _versions(), "guard": guard, "card": card, "created": time.time()}
     with contextlib.suppress(OSError):
