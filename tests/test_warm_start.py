@@ -22,6 +22,7 @@ from vlmood.testing import TINY_ARCH, tiny_encoder
 from vlmood.text.cache import cache_info, clear_cache
 
 from test_bounded_memory import make_images  # noqa: E402
+from test_hf import hf_dir  # noqa: E402,F401  (a tiny transformers CLIP folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,7 @@ def test_not_deferred_without_defer_or_for_unrecorded_weights(ckpt, loads):
     assert not isinstance(load_encoder(spec_of(ckpt), device="cpu"), DeferredEncoder)
     assert not list((Path(os.environ["VLMOOD_CACHE"]) / "encoders").glob("*"))  # defer=False records nothing
     assert rec_mod.weights_identity(parse_spec("open_clip:ViT-B-16/openai")) is None  # pretrained tags always load
-    assert rec_mod.weights_identity(parse_spec("hf:some/dir")) is None
+    assert rec_mod.weights_identity(parse_spec("hf:some/dir")) is None  # a hub id, not a folder here
 
 
 def test_schema_specs_are_never_recorded():
@@ -378,3 +379,29 @@ def test_cli_demo_with_and_without_plots(tmp_path):
     assert (tmp_path / "d" / "scores.csv").is_file() and not list((tmp_path / "d").glob("*.png"))
     assert main(["demo", "--n", "10", "--report", str(tmp_path / "e"), "--device", "cpu"]) == 0
     assert (tmp_path / "e" / "comparison.png").is_file()
+
+
+def test_hf_folder_recorded_file_by_file(hf_dir, tmp_path, monkeypatch, loads):
+    import shutil
+
+    import torch
+
+    monkeypatch.setattr(rec_mod, "RACY_SECONDS", 0.0)
+    folder = tmp_path / "clip"
+    shutil.copytree(hf_dir, folder)
+    real = load_encoder(f"hf:{folder}", device="cpu", defer=True)
+    enc = load_encoder(f"hf:{folder}", device="cpu", defer=True)
+    assert isinstance(enc, DeferredEncoder) and not enc.loaded
+    for name in ("fingerprint", "logit_scale", "embed_dim", "preprocess_key", "exact_text_trimming"):
+        assert getattr(enc, name) == getattr(real, name), name
+    assert torch.equal(enc.encode_texts(["a dog"]), real.encode_texts(["a dog"]))
+    (folder / "notes.txt").write_text("a file more")  # the folder changed: loaded again
+    assert not isinstance(load_encoder(f"hf:{folder}", device="cpu", defer=True), DeferredEncoder)
+    assert isinstance(load_encoder(f"hf:{folder}", device="cpu", defer=True), DeferredEncoder)
+    weights = next(p for p in folder.iterdir() if p.name.startswith("model."))
+    moved = tmp_path / weights.name
+    weights.rename(moved)
+    weights.symlink_to(moved)  # same bytes behind a link: another target, so loaded again
+    assert not isinstance(load_encoder(f"hf:{folder}", device="cpu", defer=True), DeferredEncoder)
+    (folder / ".hidden").write_text("x")  # hidden files are not read by from_pretrained... but the folder's times
+    assert not isinstance(load_encoder(f"hf:{folder}", device="cpu", defer=True), DeferredEncoder)

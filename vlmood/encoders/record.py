@@ -17,12 +17,15 @@ What a record is keyed and validated by (``cache_root()/encoders/<24 hex>/record
   modified within :data:`RACY_SECONDS` of being recorded (or during the load) is not recorded at all, so that a
   rewrite within one timestamp tick of a coarse file system cannot share the recorded stamps (git's "racy clean"
   rule);
+- a Hugging Face folder (``hf:/path/to/model``): its real path; every file in it but hidden ones is checked as a
+  checkpoint is (symbolic links followed and their targets recorded), and so are the folder's own times (a file
+  added or removed);
 - random initialisation (``open_clip:ARCH/none[:seed=N]``): the spec;
-- both: the versions of vlmood, open_clip, torch, torchvision, timm and transformers (the model built from a file or
+- all: the versions of vlmood, open_clip, torch, torchvision, timm and transformers (the model built from a file or
   a seed, and its preprocessing, depend on them) and a hash of vlmood's own architecture configs.
 
 Pretrained tags (weights in the Hugging Face hub cache), ``open_clip:hf-hub:``, ``open_clip:local-dir:`` and ``hf:``
-models are not recorded: they always load. An architecture registered at run time with
+hub ids are not recorded: they always load. An architecture registered at run time with
 ``open_clip.add_model_config`` is not tracked: do not defer loads of such a model. Records are tiny;
 ``vlmood cache info`` lists them and ``vlmood cache clear`` removes them.
 """
@@ -101,8 +104,12 @@ def _sample(path: Path, size: int) -> str | None:
 
 
 def weights_identity(spec: "EncoderSpec") -> dict[str, Any] | None:
-    """The identity a record is keyed by: ``{"kind": "file", "path", "arch"}`` or ``{"kind": "random", "spec"}``;
-    None for weights that are never recorded (pretrained tags, hub models, ``hf:``)."""
+    """The identity a record is keyed by: ``{"kind": "file", "path", "arch"}`` (an open_clip checkpoint),
+    ``{"kind": "dir", "path"}`` (an ``hf:`` local folder) or ``{"kind": "random", "spec"}``; None for weights that
+    are never recorded (pretrained tags, hub models)."""
+    if spec.backend == "hf":
+        folder = Path(spec.name).expanduser()
+        return {"kind": "dir", "path": os.path.realpath(folder)} if folder.is_dir() else None
     if spec.backend != "open_clip" or ":" in spec.name:  # hf-hub:, local-dir: ... load weights of their own
         return None
     if spec.checkpoint is not None:
@@ -119,18 +126,50 @@ def _record_dir(identity: dict[str, Any], root: Path | None = None) -> Path:
     return (root if root is not None else cache_root()) / "encoders" / key
 
 
-def file_guard(spec: "EncoderSpec") -> dict[str, Any] | None:
-    """The state a checkpoint's record is validated against (stat fields and the head/tail hash), read now; None
-    when the spec names no file or the file cannot be read."""
-    ident = weights_identity(spec)
-    if ident is None or ident["kind"] != "file":
-        return None
-    path = Path(ident["path"])
+def _one_file(path: Path) -> dict[str, Any] | None:
     state = _file_state(path)
-    if state is None:
-        return None
-    sample = _sample(path, state["size"])
+    sample = None if state is None else _sample(path, state["size"])
     return None if sample is None else {**state, "sample": sample}
+
+
+def file_guard(spec: "EncoderSpec") -> dict[str, Any] | None:
+    """The state a record is validated against, read now: a checkpoint's stat fields and head/tail hash; for an
+    ``hf:`` folder, the folder's own stat fields (a file added or removed changes them) and, for every file in it
+    but hidden ones (symbolic links followed, their targets named), the same as for a checkpoint. None when the spec
+    names neither or something cannot be read."""
+    ident = weights_identity(spec)
+    if ident is None or ident["kind"] == "random":
+        return None
+    root = Path(ident["path"])
+    if ident["kind"] == "file":
+        return _one_file(root)
+    files: list[dict[str, Any]] = []
+    stack = [root]
+    try:
+        while stack:
+            folder = stack.pop()
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for e in entries:
+                if e.name.startswith("."):
+                    continue  # e.g. .cache/ that huggingface_hub keeps in a local_dir: never read by from_pretrained
+                if e.is_dir():
+                    stack.append(Path(e.path))
+                    continue
+                one = _one_file(Path(e.path))
+                if one is None:
+                    return None
+                files.append({"name": os.path.relpath(e.path, root), "target": os.path.realpath(e.path), **one})
+    except OSError:
+        return None
+    state = _file_state(root)
+    return None if state is None else {"dir": state, "files": files}
+
+
+def _newest_ns(guard: dict[str, Any]) -> int:
+    """The latest modification or change time (ns) in a :func:`file_guard`."""
+    states = [guard["dir"], *guard["files"]] if "files" in guard else [guard]
+    return max(max(s["mtime_ns"], s["ctime_ns"]) for s in states)
 
 
 def _read(spec: "EncoderSpec", ident: dict[str, Any]) -> dict[str, Any] | None:
@@ -147,7 +186,7 @@ def _read(spec: "EncoderSpec", ident: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(card, dict) or any(k not in card for k in _CARD_FIELDS) \
             or not isinstance(card.get("logit_scale"), dict):
         return None
-    if ident["kind"] == "file" and file_guard(spec) != rec.get("guard"):
+    if ident["kind"] != "random" and file_guard(spec) != rec.get("guard"):
         return None
     return rec
 
@@ -167,10 +206,9 @@ def remember(spec: "EncoderSpec", encoder: "Encoder", guard_before: dict[str, An
     if ident is None:
         return
     guard = None
-    if ident["kind"] == "file":
+    if ident["kind"] != "random":
         guard = file_guard(spec)
-        newest = max(guard["mtime_ns"], guard["ctime_ns"]) if guard else 0
-        if guard is None or guard != guard_before or time.time_ns() - newest < RACY_SECONDS * 1e9:
+        if guard is None or guard != guard_before or time.time_ns() - _newest_ns(guard) < RACY_SECONDS * 1e9:
             return
     folder = _record_dir(ident)
     old = _read(spec, ident)

@@ -449,7 +449,7 @@ def _record_row(folder: Path) -> dict[str, Any]:
     rec = rec if isinstance(rec, dict) else {}
     ident = rec.get("identity") if isinstance(rec.get("identity"), dict) else {}
     size, newest, files = _scan(folder)
-    what = ident.get("path") if ident.get("kind") == "file" else ident.get("spec")
+    what = ident.get("path") if ident.get("kind") in ("file", "dir") else ident.get("spec")
     return {"kind": "encoder-record", "path": str(folder), "fingerprint": str(rec.get("fingerprint") or UNKNOWN),
             "spec": rec.get("spec") if isinstance(rec.get("spec"), str) else None, "precision": None,
             "detail": f"fingerprint record of {what}" if isinstance(what, str) else "fingerprint record",
