@@ -172,9 +172,9 @@ def _newest_ns(guard: dict[str, Any]) -> int:
     return max(max(s["mtime_ns"], s["ctime_ns"]) for s in states)
 
 
-def _read(spec: "EncoderSpec", ident: dict[str, Any]) -> dict[str, Any] | None:
+def _read(spec: "EncoderSpec", ident: dict[str, Any], guard: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The stored record of ``ident`` when it is well formed, made by these versions and (files) still matches the
-    file; else None."""
+    file; else None. ``guard``: the :func:`file_guard` just taken, if the caller has it (not read twice)."""
     try:
         rec = json.loads((_record_dir(ident) / "record.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
@@ -186,7 +186,7 @@ def _read(spec: "EncoderSpec", ident: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(card, dict) or any(k not in card for k in _CARD_FIELDS) \
             or not isinstance(card.get("logit_scale"), dict):
         return None
-    if ident["kind"] != "random" and file_guard(spec) != rec.get("guard"):
+    if ident["kind"] != "random" and (guard or file_guard(spec)) != rec.get("guard"):
         return None
     return rec
 
@@ -211,7 +211,7 @@ def remember(spec: "EncoderSpec", encoder: "Encoder", guard_before: dict[str, An
         if guard is None or guard != guard_before or time.time_ns() - _newest_ns(guard) < RACY_SECONDS * 1e9:
             return
     folder = _record_dir(ident)
-    old = _read(spec, ident)
+    old = _read(spec, ident, guard)
     scales = dict(old["card"]["logit_scale"]) if old and old["fingerprint"] == encoder.fingerprint else {}
     scales[encoder.precision] = float(encoder.logit_scale)
     card = {"embed_dim": int(encoder.embed_dim), "supports_local": bool(encoder.supports_local),
