@@ -82,7 +82,8 @@ def torch_rand(n):
 def test_not_deferred_without_defer_or_for_unrecorded_weights(ckpt, loads):
     assert not isinstance(load_encoder(spec_of(ckpt), device="cpu"), DeferredEncoder)
     assert not list((Path(os.environ["VLMOOD_CACHE"]) / "encoders").glob("*"))  # defer=False records nothing
-    assert rec_mod.weights_identity(parse_spec("open_clip:ViT-B-16/openai")) is None  # pretrained tags always load
+    ident = rec_mod.weights_identity(parse_spec("open_clip:ViT-B-16/openai"))  # keyed by tag and hub cache
+    assert ident["kind"] == "hub" and ident["tag"] == "openai" and ident["cache"] == os.path.realpath(ident["cache"])
     assert rec_mod.weights_identity(parse_spec("hf:some/dir")) is None  # a hub id, not a folder here
 
 
@@ -405,3 +406,135 @@ def test_hf_folder_recorded_file_by_file(hf_dir, tmp_path, monkeypatch, loads):
     assert not isinstance(load_encoder(f"hf:{folder}", device="cpu", defer=True), DeferredEncoder)
     (folder / ".hidden").write_text("x")  # hidden files are not read by from_pretrained... but the folder's times
     assert not isinstance(load_encoder(f"hf:{folder}", device="cpu", defer=True), DeferredEncoder)
+
+
+# ------------------------------------------------------------------------------------------- pretrained tags
+class FakeHub:
+    """A Hugging Face hub cache (``models--ORG--NAME/{blobs,snapshots,refs}``) holding a tiny open_clip model under a
+    pretrained tag ``testtag`` of the tiny architecture, read offline."""
+
+    repo = "vlmood-test/tiny"
+
+    def __init__(self, root, monkeypatch):
+        import open_clip
+        from huggingface_hub import constants
+
+        ocb._open_clip()
+        table = open_clip.pretrained._PRETRAINED
+        monkeypatch.setitem(table, TINY_ARCH, {**table.get(TINY_ARCH, {}),
+                                               "testtag": open_clip.pretrained._pcfg(hf_hub=f"{self.repo}/"),
+                                               "urltag": open_clip.pretrained._pcfg(url="https://example.invalid/w.pt")})
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(rec_mod, "RACY_SECONDS", 0.0)
+        self.root, self.folder = root, root / "models--vlmood-test--tiny"
+        self.folder.mkdir(parents=True)
+        self.spec = f"open_clip:{TINY_ARCH}/testtag"
+
+    def publish(self, seed, commit, name="open_clip_model.safetensors"):
+        """Write weights of ``tiny_encoder(seed)`` as a blob of snapshot ``commit`` and point ``refs/main`` at it."""
+        import hashlib
+
+        tmp = self.root / "weights.tmp"
+        tiny_encoder(seed=seed).save(tmp)
+        blob = self.folder / "blobs" / hashlib.sha256(tmp.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, blob)
+        snap = self.folder / "snapshots" / commit
+        snap.mkdir(parents=True, exist_ok=True)
+        (snap / name).symlink_to(os.path.relpath(blob, snap))
+        (self.folder / "refs").mkdir(exist_ok=True)
+        (self.folder / "refs" / "main").write_text(commit)
+        return blob
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    return FakeHub(tmp_path / "hub", monkeypatch)
+
+
+def test_a_pretrained_tag_is_recorded_from_the_hub_cache(hub, loads):
+    hub.publish(3, "a" * 40)
+    first = load_encoder(hub.spec, device="cpu", defer=True)
+    assert not isinstance(first, DeferredEncoder) and len(loads) == 1
+    assert first.fingerprint == tiny_encoder(seed=3).fingerprint  # open_clip really read the hub file
+    second = load_encoder(hub.spec, device="cpu", defer=True)
+    assert isinstance(second, DeferredEncoder) and not second.loaded and len(loads) == 1
+    for name in ("fingerprint", "logit_scale", "embed_dim", "preprocess_key", "exact_text_trimming"):
+        assert getattr(second, name) == getattr(first, name), name
+    rec = json.loads(next((Path(os.environ["VLMOOD_CACHE"]) / "encoders").glob("*/record.json")).read_text())
+    assert rec["hub"] == {"repo": hub.repo, "files": ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]}
+    assert rec["guard"]["file"] == "open_clip_model.safetensors" and "/snapshots/" + "a" * 40 in rec["guard"]["path"]
+    x = torch_rand(2)  # built on demand from the tag, and equal to the real encoder
+    assert np.array_equal(second.encode_images(x).numpy(), first.encode_images(x).numpy()) and len(loads) == 2
+
+
+def test_a_new_snapshot_or_a_replaced_blob_is_not_served_from_the_record(hub, loads):
+    hub.publish(3, "a" * 40)
+    load_encoder(hub.spec, device="cpu", defer=True)
+    assert isinstance(load_encoder(hub.spec, device="cpu", defer=True), DeferredEncoder)
+    hub.publish(4, "b" * 40)  # refs/main moved to another revision with other weights
+    moved = load_encoder(hub.spec, device="cpu", defer=True)
+    assert not isinstance(moved, DeferredEncoder) and moved.fingerprint == tiny_encoder(seed=4).fingerprint
+    warm = load_encoder(hub.spec, device="cpu", defer=True)
+    assert isinstance(warm, DeferredEncoder) and warm.fingerprint == moved.fingerprint
+    blob = Path(os.path.realpath(hub.folder / "snapshots" / ("b" * 40) / "open_clip_model.safetensors"))
+    tmp = blob.with_name("new")
+    tiny_encoder(seed=5).save(tmp)
+    os.replace(tmp, blob)  # the blob replaced in place (a new inode): loaded again
+    again = load_encoder(hub.spec, device="cpu", defer=True)
+    assert not isinstance(again, DeferredEncoder) and again.fingerprint == tiny_encoder(seed=5).fingerprint
+    (hub.folder / "refs" / "main").write_text("a" * 40)  # back to the first revision: its own record again
+    back = load_encoder(hub.spec, device="cpu", defer=True)
+    assert not isinstance(back, DeferredEncoder) and back.fingerprint == tiny_encoder(seed=3).fingerprint
+
+
+def test_another_hub_cache_is_another_identity(hub, tmp_path, monkeypatch, loads):
+    import shutil
+
+    from huggingface_hub import constants
+
+    hub.publish(3, "a" * 40)
+    load_encoder(hub.spec, device="cpu", defer=True)
+    assert isinstance(load_encoder(hub.spec, device="cpu", defer=True), DeferredEncoder)
+    shutil.copytree(hub.root, tmp_path / "hub2", symlinks=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub2"))
+    assert not isinstance(load_encoder(hub.spec, device="cpu", defer=True), DeferredEncoder)
+    shutil.rmtree(tmp_path / "hub2")  # the recorded cache emptied: never served, the load itself fails
+    with pytest.raises(EncoderLoadError, match="could not obtain the weights"):
+        load_encoder(hub.spec, device="cpu", defer=True)
+
+
+def test_the_safetensors_alternative_wins_as_in_open_clip_and_url_tags_are_not_recorded(hub, loads):
+    import torch
+
+    blob = hub.publish(3, "c" * 40, name="open_clip_pytorch_model.bin")  # only the .bin name: a torch file
+    from safetensors.torch import load
+
+    torch.save(load(blob.read_bytes()), str(blob) + ".pt")  # not over the file a mapping may still read
+    os.replace(str(blob) + ".pt", blob)
+    enc = load_encoder(hub.spec, device="cpu", defer=True)
+    assert enc.fingerprint == tiny_encoder(seed=3).fingerprint
+    rec = rec_mod._read(parse_spec(hub.spec), rec_mod.weights_identity(parse_spec(hub.spec)))
+    assert rec["guard"]["file"] == "open_clip_pytorch_model.bin"
+    snap = hub.folder / "snapshots" / ("c" * 40)
+    (snap / "open_clip_model.safetensors").symlink_to(os.path.relpath(hub.publish(4, "d" * 40), snap))
+    (hub.folder / "refs" / "main").write_text("c" * 40)  # both names now: open_clip takes the .safetensors one
+    assert not isinstance(load_encoder(hub.spec, device="cpu", defer=True), DeferredEncoder)
+    warm = load_encoder(hub.spec, device="cpu", defer=True)
+    assert isinstance(warm, DeferredEncoder) and warm.fingerprint == tiny_encoder(seed=4).fingerprint
+    assert rec_mod.hub_source(parse_spec(f"open_clip:{TINY_ARCH}/urltag")) is None  # downloaded from a URL
+    assert rec_mod.hub_source(parse_spec(f"open_clip:{TINY_ARCH}/nosuchtag")) is None
+
+
+def test_cli_eval_warm_with_a_pretrained_tag(tmp_path, hub, loads):
+    hub.publish(3, "a" * 40)
+    make_images(tmp_path / "id" / "cat", 3, 1)
+    make_images(tmp_path / "id" / "dog", 3, 2)
+    make_images(tmp_path / "ood", 3, 3)
+    args = ["eval", "--model", hub.spec, "--classes", "cat,dog", "--id", str(tmp_path / "id"),
+            "--ood", f"noise={tmp_path / 'ood'}", "--methods", "mcm,energy", "--workers", "0", "--no-plots"]
+    assert main(args + ["--report", str(tmp_path / "r1")]) == 0
+    assert main(args + ["--report", str(tmp_path / "r2")]) == 0
+    assert len(loads) == 1
+    assert (tmp_path / "r1" / "scores.csv").read_text() == (tmp_path / "r2" / "scores.csv").read_text()

@@ -25,8 +25,9 @@ def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = No
             default bf16 (else fp16) on CUDA, fp32 on CPU. Features are float32 at every precision, and the
             fingerprint names the weights whatever the precision (caches key the precision apart).
         defer: for runs that mostly read caches (``vlmood eval``, ``score``, ``calibrate`` use it): when these
-            weights were loaded with ``defer=True`` before and are unchanged (a checkpoint file, an ``hf:`` folder
-            or random initialisation; see :mod:`vlmood.encoders.record`), return a
+            weights were loaded with ``defer=True`` before and are unchanged (a checkpoint file, a pretrained tag's
+            file in the hub cache, an ``hf:`` folder or random initialisation; see :mod:`vlmood.encoders.record`),
+            return a
             :class:`~vlmood.encoders.deferred.DeferredEncoder` that builds the model only if something is not
             cached; otherwise load now and record the weights' fingerprint for the next time.
     """

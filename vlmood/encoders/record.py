@@ -20,14 +20,23 @@ What a record is keyed and validated by (``cache_root()/encoders/<24 hex>/record
 - a Hugging Face folder (``hf:/path/to/model``): its real path; every file in it but hidden ones is checked as a
   checkpoint is (symbolic links followed and their targets recorded), and so are the folder's own times (a file
   added or removed);
+- a pretrained tag (``open_clip:ARCH/TAG``, weights in the Hugging Face hub cache): the architecture, the tag and
+  the hub cache's real path (``HF_HUB_CACHE`` / ``HF_HOME``); the record keeps the hub repository and the file names
+  open_clip tries for the tag, in its order (the ``.safetensors`` alternative first). Valid only while the first of
+  those files the local cache holds (``huggingface_hub.try_to_load_from_cache``: the snapshot that ``refs/main``
+  names) is the recorded path, in the recorded snapshot, and its blob passes the checkpoint checks above. A warm run
+  does not ask the hub whether the tag's repository has a newer revision: it answers for the revision in the local
+  cache, as a load with ``HF_HUB_OFFLINE=1`` would; the next load that downloads a new revision moves ``refs/main``,
+  and the record no longer matches. Tags that open_clip downloads from a URL rather than the hub, or that name a
+  ``file``, are not recorded;
 - random initialisation (``open_clip:ARCH/none[:seed=N]``): the spec;
 - all: the versions of vlmood, open_clip, torch, torchvision, timm and transformers (the model built from a file or
   a seed, and its preprocessing, depend on them) and a hash of vlmood's own architecture configs.
 
-Pretrained tags (weights in the Hugging Face hub cache), ``open_clip:hf-hub:``, ``open_clip:local-dir:`` and ``hf:``
-hub ids are not recorded: they always load. An architecture registered at run time with
-``open_clip.add_model_config`` is not tracked: do not defer loads of such a model. Records are tiny;
-``vlmood cache info`` lists them and ``vlmood cache clear`` removes them.
+``open_clip:hf-hub:``, ``open_clip:local-dir:`` and ``hf:`` hub ids are not recorded: they always load. An
+architecture registered at run time with ``open_clip.add_model_config`` (or a tag added to open_clip's pretrained
+table) is not tracked: do not defer loads of such a model. Records are tiny; ``vlmood cache info`` lists them and
+``vlmood cache clear`` removes them.
 """
 from __future__ import annotations
 
@@ -103,10 +112,20 @@ def _sample(path: Path, size: int) -> str | None:
     return h.hexdigest()
 
 
+def _hub_cache() -> str | None:
+    """The real path of the Hugging Face hub cache open_clip downloads into (None without huggingface_hub)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub comes with open_clip
+        return None
+    return os.path.realpath(os.path.expanduser(str(constants.HF_HUB_CACHE)))
+
+
 def weights_identity(spec: "EncoderSpec") -> dict[str, Any] | None:
     """The identity a record is keyed by: ``{"kind": "file", "path", "arch"}`` (an open_clip checkpoint),
-    ``{"kind": "dir", "path"}`` (an ``hf:`` local folder) or ``{"kind": "random", "spec"}``; None for weights that
-    are never recorded (pretrained tags, hub models)."""
+    ``{"kind": "dir", "path"}`` (an ``hf:`` local folder), ``{"kind": "hub", "arch", "tag", "cache"}`` (a pretrained
+    tag and the hub cache it is read from) or ``{"kind": "random", "spec"}``; None for weights that are never
+    recorded (hub models)."""
     if spec.backend == "hf":
         folder = Path(spec.name).expanduser()
         return {"kind": "dir", "path": os.path.realpath(folder)} if folder.is_dir() else None
@@ -116,6 +135,55 @@ def weights_identity(spec: "EncoderSpec") -> dict[str, Any] | None:
         return {"kind": "file", "path": os.path.realpath(spec.checkpoint), "arch": spec.name}
     if spec.random_init:
         return {"kind": "random", "spec": str(spec)}
+    if spec.pretrained is not None:  # recorded only if open_clip reads this tag from the hub (see hub_source)
+        cache = _hub_cache()
+        return None if cache is None else {"kind": "hub", "arch": spec.name, "tag": spec.pretrained, "cache": cache}
+    return None
+
+
+def hub_source(spec: "EncoderSpec") -> dict[str, Any] | None:
+    """Where open_clip reads a pretrained tag's weights: ``{"repo": ORG/NAME, "files": [names in the order open_clip
+    tries them]}``, or None when it does not read them from the hub (a URL download, a ``file`` entry, an unknown
+    tag, no huggingface_hub). Imports open_clip: called only when the model is being loaded anyway."""
+    try:
+        from .open_clip_backend import _open_clip
+
+        _open_clip()  # vlmood's own architectures registered
+        from open_clip import pretrained as oc_pretrained
+
+        cfg = oc_pretrained.get_pretrained_cfg(spec.name, spec.pretrained)
+        if not cfg or "file" in cfg or not cfg.get("hf_hub") or not oc_pretrained.has_hf_hub():
+            return None
+        repo, name = os.path.split(cfg["hf_hub"])  # "org/model/file.bin", or "org/model/" for the default name
+        name = name or oc_pretrained.HF_WEIGHTS_NAME
+        # open_clip's download_pretrained_from_hf: the .safetensors alternative first, when safetensors is present
+        alternatives = list(oc_pretrained._get_safe_alternatives(name)) if oc_pretrained._has_safetensors else []
+    except Exception:  # an open_clip whose pretrained table works otherwise: this tag is simply not recorded
+        return None
+    return {"repo": repo, "files": [*alternatives, name]}
+
+
+def _valid_hub(hub: Any) -> bool:
+    return isinstance(hub, dict) and isinstance(hub.get("repo"), str) and isinstance(hub.get("files"), list) \
+        and bool(hub["files"]) and all(isinstance(f, str) for f in hub["files"])
+
+
+def _hub_guard(cache: str, hub: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint checks of the first of ``hub["files"]`` that the local hub cache holds (in the snapshot its
+    ``refs/main`` names, as an offline ``hf_hub_download`` resolves it), with its snapshot path; None if none."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    for name in hub["files"]:
+        try:
+            path = try_to_load_from_cache(hub["repo"], name, cache_dir=cache)
+        except Exception:  # a malformed repository id or cache entry: not recorded, loads normally
+            return None
+        if isinstance(path, str):  # else None (not cached) or a "known not to exist" marker: the next name
+            one = _one_file(Path(path))
+            return None if one is None else {"repo": hub["repo"], "file": name, "path": path,
+                                             "target": os.path.realpath(path), **one}
     return None
 
 
@@ -132,14 +200,18 @@ def _one_file(path: Path) -> dict[str, Any] | None:
     return None if sample is None else {**state, "sample": sample}
 
 
-def file_guard(spec: "EncoderSpec") -> dict[str, Any] | None:
+def file_guard(spec: "EncoderSpec", hub: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The state a record is validated against, read now: a checkpoint's stat fields and head/tail hash; for an
     ``hf:`` folder, the folder's own stat fields (a file added or removed changes them) and, for every file in it
-    but hidden ones (symbolic links followed, their targets named), the same as for a checkpoint. None when the spec
-    names neither or something cannot be read."""
+    but hidden ones (symbolic links followed, their targets named), the same as for a checkpoint; for a pretrained
+    tag, the same for the hub cache's file of it (``hub``: :func:`hub_source`'s answer, found now when None). None
+    when the spec names none of these or something cannot be read."""
     ident = weights_identity(spec)
     if ident is None or ident["kind"] == "random":
         return None
+    if ident["kind"] == "hub":
+        hub = hub if hub is not None else hub_source(spec)
+        return None if hub is None else _hub_guard(ident["cache"], hub)
     root = Path(ident["path"])
     if ident["kind"] == "file":
         return _one_file(root)
@@ -186,7 +258,10 @@ def _read(spec: "EncoderSpec", ident: dict[str, Any], guard: dict[str, Any] | No
     if not isinstance(card, dict) or any(k not in card for k in _CARD_FIELDS) \
             or not isinstance(card.get("logit_scale"), dict):
         return None
-    if ident["kind"] != "random" and (guard or file_guard(spec)) != rec.get("guard"):
+    hub = rec.get("hub")
+    if ident["kind"] == "hub" and not _valid_hub(hub):
+        return None
+    if ident["kind"] != "random" and (guard or file_guard(spec, hub)) != rec.get("guard"):
         return None
     return rec
 
@@ -205,9 +280,13 @@ def remember(spec: "EncoderSpec", encoder: "Encoder", guard_before: dict[str, An
     ident = weights_identity(spec)
     if ident is None:
         return
-    guard = None
+    guard = hub = None
+    if ident["kind"] == "hub":
+        hub = hub_source(spec)
+        if hub is None:
+            return  # a tag open_clip does not read from the hub
     if ident["kind"] != "random":
-        guard = file_guard(spec)
+        guard = file_guard(spec, hub)
         if guard is None or guard != guard_before or time.time_ns() - _newest_ns(guard) < RACY_SECONDS * 1e9:
             return
     folder = _record_dir(ident)
@@ -220,7 +299,8 @@ def remember(spec: "EncoderSpec", encoder: "Encoder", guard_before: dict[str, An
             "word_level_tokenizer": bool(encoder.word_level_tokenizer), "logit_scale": scales,
             "class": type(encoder).__name__, "attributes": sorted(n for n in dir(encoder) if not n.startswith("__"))}
     rec = {"version": RECORD_VERSION, "identity": ident, "spec": str(spec), "fingerprint": encoder.fingerprint,
-           "versions": _versions(), "guard": guard, "card": card, "created": time.time()}
+           "versions": _versions(), "guard": guard, "card": card, "created": time.time(),
+           **({"hub": hub} if hub is not None else {})}
     with contextlib.suppress(OSError):
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(folder / "record.json", (json.dumps(rec, indent=1) + "\n").encode())
