@@ -274,3 +274,51 @@ def test_description_names_the_learned_prompts_file(tmp_path):
                                       "my prompts.safetensors.")
     det = vlmood.make_detector("mcm", enc, None, prompts=prompts)
     assert describe_detector(det) == DESCRIPTIONS["MCM"] + "; learned locoop prompts."
+
+
+def test_save_keeps_figures_that_show_the_same_report_and_redraws_the_rest(report, tmp_path, monkeypatch):
+    import copy
+    import os
+
+    report.save(tmp_path)
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pngs] == ["comparison.png", "hist__m_.png", "hist_energy.png", "hist_mcm.png", "roc.png"]
+    key = report.figure_key()
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.info["vlmood-figure"] == f"{key}:{p.stem}"
+    state = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in pngs}
+    drawn = []
+    real = dict(plots.__dict__)
+    for kind in ("comparison", "histograms", "roc"):
+        monkeypatch.setattr(plots, kind, lambda r, *a, _k=kind: drawn.append(_k) or real[_k](r, *a))
+    paths = report.save(tmp_path)  # the same report: nothing drawn, files untouched
+    assert drawn == [] and {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in pngs} == state
+    assert {k: v.name for k, v in paths.items() if k not in ("report", "csv", "json", "scores")} == \
+        {p.stem: p.name for p in pngs}
+    # a missing, a damaged and a foreign figure (no tag, or another figure's tag) are drawn again, alone
+    (tmp_path / "roc.png").unlink()
+    data = (tmp_path / "hist_mcm.png").read_bytes()
+    (tmp_path / "hist_mcm.png").write_bytes(data[: len(data) // 2])
+    Image.new("RGB", (4, 4)).save(tmp_path / "comparison.png")
+    os.replace(tmp_path / "hist_energy.png", tmp_path / "hist__m_.png")  # hist_energy's tag under hist__m_
+    report.save(tmp_path)
+    assert sorted(drawn) == ["comparison", "histograms", "histograms", "histograms", "roc"]
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.info["vlmood-figure"] == f"{key}:{p.stem}"
+            im.verify()
+    # another report (one score changed, the name, a group, a threshold): every figure drawn again
+    changed = copy.deepcopy(report)
+    changed.scores["energy"]["noise"][1] += 1e-9
+    variants = [changed]
+    for field, value in (("name", "other"), ("groups", {"near": ["close"], "far": ["noise", "empty"]}),
+                         ("thresholds", {**report.thresholds, "mcm": report.thresholds["mcm"] + 1e-12})):
+        v = copy.deepcopy(report)
+        setattr(v, field, value)
+        variants.append(v)
+    keys = {v.figure_key() for v in variants}
+    assert len(keys) == len(variants) and key not in keys
+    drawn.clear()
+    changed.save(tmp_path)
+    assert len(drawn) == 5

@@ -47,22 +47,28 @@ def _figure(**kw: Any) -> ReportFigure:
     return fig
 
 
-def to_png(fig: Figure, dpi: int = DPI) -> bytes:
+def to_png(fig: Figure, dpi: int = DPI, tag: str | None = None) -> bytes:
     """The PNG bytes of ``fig``, rendered with the Agg canvas (no pyplot, no global backend). Figures without
     pictures get a 256-colour palette: plots have few colours, and the files (and notebooks that show them) get 2-4x
-    smaller; figures that show images (galleries) keep full colour."""
-    from PIL import Image
+    smaller; figures that show images (galleries) keep full colour. ``tag``: written as the PNG text chunk
+    ``vlmood-figure`` (what :meth:`Report.save <vlmood.evaluation.Report.save>` reads to keep unchanged figures)."""
+    from PIL import Image, PngImagePlugin
 
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"vlmood-figure": tag} if tag is not None else None)
     if any(ax.images for ax in fig.axes):
         return buf.getvalue()
     buf.seek(0)
     out = io.BytesIO()
+    info = None
+    if tag is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("vlmood-figure", tag)
     with Image.open(buf) as im:
-        im.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(out, format="PNG", optimize=True)
+        im.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(out, format="PNG", optimize=True,
+                                                                               pnginfo=info)
     return out.getvalue()
 
 
@@ -81,14 +87,15 @@ class Figures(dict):
                          f"</code></figcaption><img src='data:image/png;base64,{data}'/></figure>")
         return "\n".join(parts)
 
-    def save(self, folder: str | os.PathLike) -> dict[str, Path]:
-        """Write each figure to ``folder/<name>.png`` (atomically); returns ``{name: path}``."""
+    def save(self, folder: str | os.PathLike, tags: Mapping[str, str] | None = None) -> dict[str, Path]:
+        """Write each figure to ``folder/<name>.png`` (atomically); returns ``{name: path}``. ``tags``: per name, the
+        text stored in the PNG's ``vlmood-figure`` chunk (see :func:`to_png`)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         out = {}
         for name, fig in self.items():
             out[name] = folder / f"{name}.png"
-            atomic_write_bytes(out[name], to_png(fig))
+            atomic_write_bytes(out[name], to_png(fig, tag=(tags or {}).get(name)))
         return out
 
 

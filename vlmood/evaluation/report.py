@@ -422,13 +422,62 @@ class Report:
         """
         from . import plots
 
-        figs = plots.Figures(comparison=plots.comparison(self))
-        for m, stem in unique_stems(self.scores).items():  # two labels never overwrite each other's plots
-            figs[f"hist_{stem}"] = plots.histograms(self, m)
-        figs["roc"] = plots.roc(self)
+        figs = plots.Figures({name: draw() for name, draw in self._figure_makers().items()})
         if folder is not None:
             figs.save(folder)
         return figs
+
+    def _figure_makers(self) -> dict[str, Any]:
+        """``{figure name: function drawing it}`` for :meth:`plot`, in its order (matplotlib imported on call)."""
+        def make(kind: str, *args: Any) -> Any:
+            from . import plots
+
+            return lambda: getattr(plots, kind)(self, *args)
+
+        makers = {"comparison": make("comparison")}
+        for m, stem in unique_stems(self.scores).items():  # two labels never overwrite each other's plots
+            makers[f"hist_{stem}"] = make("histograms", m)
+        makers["roc"] = make("roc")
+        return makers
+
+    def figure_key(self) -> str:
+        """A hash of everything the report figures show and of the code and libraries that draw them: the name, the
+        OOD groups, every method's scores per set (in order), the metric rows and the thresholds, vlmood's version,
+        the source of the plotting and report modules, and the matplotlib and Pillow versions. :meth:`save` writes
+        it into each figure's PNG (text chunk ``vlmood-figure``) and redraws only figures whose key differs."""
+        import hashlib
+        from importlib import metadata
+
+        from .. import __version__
+
+        h = hashlib.sha256(b"vlmood-figures-v1\0")
+
+        def add(text: str) -> None:
+            data = text.encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little") + data)
+
+        add(repr(self.name))
+        add(json.dumps(self.groups))
+        add(json.dumps(self.rows, sort_keys=True, default=repr))
+        add(json.dumps({m: (None if t is None else repr(float(t))) for m, t in self.thresholds.items()}))
+        for m, sets in self.scores.items():
+            add(repr(m))
+            for n, a in sets.items():
+                arr = np.ascontiguousarray(np.asarray(a, dtype=np.float64))
+                add(f"{n!r}|{arr.shape}")
+                h.update(arr.tobytes())
+        add(__version__)
+        for mod in ("plots.py", "report.py"):
+            try:
+                h.update((Path(__file__).resolve().parent / mod).read_bytes())
+            except OSError:  # pragma: no cover - a zipped install: the version alone
+                add(mod)
+        for dist in ("matplotlib", "pillow"):
+            try:
+                add(f"{dist}={metadata.version(dist)}")
+            except metadata.PackageNotFoundError:  # pragma: no cover
+                add(f"{dist}=absent")
+        return h.hexdigest()[:32]
 
     def save(self, folder: str | os.PathLike, plots: bool = True) -> dict[str, Path]:
         """Write ``report.md``, ``results.csv``, ``results.json``, ``scores.csv`` (per-image scores, see
@@ -444,5 +493,33 @@ class Report:
         self.scores_csv(out["scores"])
         self.to_json(out["json"])
         if plots:
-            out.update(self.plot().save(folder))
+            out.update(self._save_figures(folder))
+        return out
+
+    def _save_figures(self, folder: Path) -> dict[str, Path]:
+        """Write :meth:`plot`'s figures as ``<name>.png``, each tagged with :meth:`figure_key` and its name. A PNG
+        already there with that tag, and intact (its chunks' checksums verified), shows exactly this report with this
+        code: it is kept, not drawn again (matplotlib is not even imported when every figure is kept)."""
+        from PIL import Image
+
+        key = self.figure_key()
+        out: dict[str, Path] = {}
+        todo = {}
+        for name, draw in self._figure_makers().items():
+            path = out[name] = folder / f"{name}.png"
+            tag = f"{key}:{name}"
+            try:
+                with Image.open(path) as im:
+                    same = im.format == "PNG" and im.info.get("vlmood-figure") == tag
+                    if same:
+                        im.verify()
+            except Exception:  # missing, unreadable or damaged: drawn again
+                same = False
+            if not same:
+                todo[name] = (draw, tag)
+        if todo:
+            from .plots import Figures
+
+            Figures({name: draw() for name, (draw, _) in todo.items()}).save(
+                folder, tags={name: tag for name, (_, tag) in todo.items()})
         return out
