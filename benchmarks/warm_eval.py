@@ -4,15 +4,16 @@ The run of issue 12: 450 images (150 ID in two class folders, 150 near-OOD, 150 
 open_clip ViT-B/16 checkpoint file with random weights (about 600 MB of float32, written by this script),
 MCM + Energy + MaxLogit + GL-MCM. One cold run fills the caches; then each warm run is a fresh
 ``python -m vlmood eval`` process timed from its start to its exit (interpreter start, imports, reading the
-caches, scoring, writing the report and its six figures; once more with ``--no-plots``). Reference rows: an empty
-interpreter and one that only imports torch, which every run that scores does.
+caches, scoring, writing the report): into the same report folder (its six figures show the same report, so they
+are kept), into a new folder each time (the six figures drawn), and with ``--no-plots``. Reference rows: an empty
+interpreter and one that only imports torch. A probe run says whether the warm run imported torch and matplotlib.
 
-``--before REV`` also times the warm run of an older commit (a ``git worktree`` of this repository, run with
-``PYTHONPATH`` pointing at it) on the same caches, so before and after come from one run on one machine.
+``--before REV`` (repeatable) also times the warm run of an older commit (a ``git worktree`` of this repository,
+run with ``PYTHONPATH`` pointing at it) on the same caches, so before and after come from one run on one machine.
 
 Usage::
 
-    python benchmarks/warm_eval.py --before 34cd47d            # cold run, then warm runs of REV and of this tree
+    python benchmarks/warm_eval.py --before 34cd47d --before e895d72  # cold run, warm runs of each REV and of this tree
     python benchmarks/warm_eval.py --workdir /tmp/we --repeats 5  # keep the images, checkpoint and caches
 """
 from __future__ import annotations
@@ -67,6 +68,22 @@ def timed_run(cmd: list[str], env: dict[str, str], cwd: Path, check: bool = True
     return dt, p.stdout + p.stderr
 
 
+PROBE = """
+import sys
+from vlmood.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("torch:", "torch" in sys.modules, "matplotlib:", "matplotlib" in sys.modules, "open_clip:",
+          "open_clip" in sys.modules, file=sys.stderr)
+"""
+
+
+def with_report(cmd: list[str], folder: Path) -> list[str]:
+    i = cmd.index("--report")
+    return cmd[:i + 1] + [str(folder)] + cmd[i + 2:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="ViT-B-16")
@@ -74,7 +91,8 @@ def main() -> None:
     ap.add_argument("--methods", default="mcm,energy,maxlogit,glmcm")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--before", metavar="REV", help="also time the warm run of this commit")
+    ap.add_argument("--before", metavar="REV", action="append", default=[],
+                    help="also time the warm run of this commit (repeatable)")
     ap.add_argument("--workdir", help="keep images, checkpoint and caches here (default: a temporary folder)")
     ap.add_argument("--out", help="write the figures as JSON")
     args = ap.parse_args()
@@ -96,17 +114,19 @@ def main() -> None:
                                         for _ in range(args.repeats)]))
         rows.append(("python -c 'import torch'", [timed_run([sys.executable, "-c", "import torch"], env, work)[0]
                                                   for _ in range(args.repeats)]))
-        if args.before:
-            wt = Path(tmp) / "before"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(wt), args.before],
+        for rev in args.before:
+            wt = Path(tmp) / f"before-{rev}"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(wt), rev],
                            check=True, capture_output=True)
             try:
                 env_before = {**env, "PYTHONPATH": str(wt)}
                 probe = subprocess.run([sys.executable, "-c", "import vlmood, sys; print(vlmood.__file__)"],
                                        env=env_before, capture_output=True, text=True, cwd=work).stdout.strip()
                 assert probe.startswith(str(wt)), f"the worktree's vlmood is not the one imported: {probe}"
-                rows.append((f"warm vlmood eval, before ({args.before})",
-                             [timed_run(cmd, env_before, work)[0] for _ in range(args.repeats)]))
+                before_cmd = with_report(cmd, work / f"report-{rev}")
+                timed_run(before_cmd, env_before, work)  # its own report folder, figures of its own code
+                rows.append((f"warm vlmood eval, before ({rev})",
+                             [timed_run(before_cmd, env_before, work)[0] for _ in range(args.repeats)]))
             finally:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)],
                                capture_output=True)
@@ -114,11 +134,17 @@ def main() -> None:
         for _ in range(args.repeats):
             dt, log = timed_run(cmd, env_now, work)
             warm.append(dt)
-        rows.append(("warm vlmood eval, this tree", warm))
-        plotless = cmd[:cmd.index("--report")] + ["--report", str(work / "report-no-plots"), "--no-plots"] \
-            + cmd[cmd.index("--report") + 2:]
+        rows.append(("warm vlmood eval, this tree (figures kept)", warm))
+        rows.append(("warm vlmood eval, new folder (figures drawn)",
+                     [timed_run(with_report(cmd, work / f"report-new-{k}"), env_now, work)[0]
+                      for k in range(args.repeats)]))
+        plotless = with_report(cmd, work / "report-no-plots") + ["--no-plots"]
         rows.append(("warm vlmood eval --no-plots, this tree",
                      [timed_run(plotless, env_now, work)[0] for _ in range(args.repeats)]))
+        probe = [sys.executable, "-c", PROBE, *cmd[3:]]
+        imported = timed_run(probe, env_now, work)[1].strip().splitlines()[-1]
+        out["warm run imports"] = imported
+        print(f"a warm run (same folder) imports: {imported}")
         print(f"\n{'':44s} {'median s':>9s}  runs")
         for name, ts in rows:
             print(f"{name:44s} {statistics.median(ts):9.2f}  {', '.join(f'{t:.2f}' for t in ts)}")

@@ -538,3 +538,64 @@ def test_cli_eval_warm_with_a_pretrained_tag(tmp_path, hub, loads):
     assert main(args + ["--report", str(tmp_path / "r2")]) == 0
     assert len(loads) == 1
     assert (tmp_path / "r1" / "scores.csv").read_text() == (tmp_path / "r2" / "scores.csv").read_text()
+
+
+# ------------------------------------------------------------------------------------ a warm run without torch
+NO_TORCH_RUN = """
+import sys
+from vlmood.cli import main
+rc = main(sys.argv[1:])
+print("TORCH", "torch" in sys.modules, "MATPLOTLIB", "matplotlib" in sys.modules, file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def run_cli(args, env_cache):
+    env = {**os.environ, "VLMOOD_CACHE": env_cache, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, "-c", NO_TORCH_RUN, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr
+    return p.stderr.strip().splitlines()[-1]
+
+
+def test_a_fully_cached_eval_imports_neither_torch_nor_matplotlib_and_writes_the_same_report(tmp_path):
+    """The fully cached path (records, cached features and reduced values, cached prompts, numpy scoring, kept
+    figures) runs in a fresh process without importing torch, and writes what the run that computed everything
+    wrote; one image more needs torch (and the model) again."""
+    make_images(tmp_path / "id" / "cat", 3, 1)
+    make_images(tmp_path / "id" / "dog", 3, 2)
+    make_images(tmp_path / "ood", 4, 3)
+    cache = str(tmp_path / "cache")
+    args = ["eval", "--model", f"open_clip:{TINY_ARCH}/none:seed=3", "--classes", "cat,dog", "--id",
+            str(tmp_path / "id"), "--ood", f"far/noise={tmp_path / 'ood'}", "--methods", "mcm,energy,maxlogit,glmcm",
+            "--workers", "0", "--device", "cpu"]
+    assert run_cli(args + ["--report", str(tmp_path / "r1")], cache) == "TORCH True MATPLOTLIB True"
+    assert run_cli(args + ["--report", str(tmp_path / "r1")], cache) == "TORCH False MATPLOTLIB False"
+    assert run_cli(args + ["--report", str(tmp_path / "r2")], cache) == "TORCH False MATPLOTLIB True"  # drawn
+    for name in ("scores.csv", "results.csv", "comparison.png", "hist_glmcm.png", "roc.png"):
+        assert (tmp_path / "r1" / name).read_bytes() == (tmp_path / "r2" / name).read_bytes(), name
+    assert run_cli(args + ["--report", str(tmp_path / "r3"), "--no-plots"], cache) == "TORCH False MATPLOTLIB False"
+    assert (tmp_path / "r3" / "scores.csv").read_text() == (tmp_path / "r1" / "scores.csv").read_text()
+    cold = json.loads((tmp_path / "r1" / "results.json").read_text())
+    warm = json.loads((tmp_path / "r3" / "results.json").read_text())
+    assert cold["rows"] == warm["rows"] and cold["thresholds"] == warm["thresholds"]
+    assert warm["provenance"]["encoder"]["device"] == "cpu"
+    make_images(tmp_path / "more", 1, 9)
+    (tmp_path / "more" / "000.png").rename(tmp_path / "ood" / "zzz.png")  # not cached: the model is built
+    assert run_cli(args + ["--report", str(tmp_path / "r4"), "--no-plots"], cache) == "TORCH True MATPLOTLIB False"
+
+
+def test_no_gpu_possible_reads_the_device_nodes(monkeypatch):
+    from vlmood.encoders import base
+
+    monkeypatch.setattr(base.sys, "platform", "linux")
+    for nodes, want in ((["null", "tty", "sda"], True), (["null", "nvidiactl", "nvidia0"], False), (["kfd"], False),
+                        (["dxg"], False)):
+        monkeypatch.setattr(base.os, "listdir", lambda _p, n=nodes: n)
+        assert base.no_gpu_possible() is want, nodes
+    monkeypatch.setattr(base.sys, "platform", "win32")
+    assert base.no_gpu_possible() is False  # cannot be told without torch there
+    monkeypatch.setattr(base.sys, "platform", "darwin")
+    assert base.no_gpu_possible() is True
+    assert base.device_type_without_torch("cpu") == "cpu"
+    assert base.device_type_without_torch("cuda") is None
+    assert base.device_type_without_torch(None) is None  # torch is loaded in this process: ask it

@@ -6,14 +6,12 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-import torch
-from torch.utils.data import DataLoader, Dataset
 from ._io import printable
+from ._lazy import as_array, is_tensor, torch
 from ._progress import progress as _progress
 from .data import ImageSource, as_source
 from . import _signals
@@ -35,50 +33,86 @@ _FLUSH_BYTES = 128 << 20
 _MAX_NAMED = 5  # images named in an error message, then a count
 
 
-LocalReducer = Callable[[torch.Tensor], Any]
+LocalReducer = Callable[[Any], Any]
 """A function from one batch's local (patch) features ``[B, P, D]`` (float32, L2-normalised, CPU) to ``B`` values
 (``[B]``) or ``B`` rows of ``k`` values (``[B, k]``), e.g. :meth:`vlmood.detectors.GLMCM.local_reducer`. An optional
 ``cache_key`` attribute (a string naming exactly what it computes: the text embeddings and settings) lets the
 feature cache keep its values, so a warm run neither encodes the images nor reads patch features."""
 
 
-@dataclass
 class Features:
     """Encoded images.
 
     Attributes:
-        features: ``[N, D]`` L2-normalised global image features (float32, CPU).
-        local: ``[N, P, D]`` L2-normalised patch features, or None.
+        features: ``[N, D]`` L2-normalised global image features (a float32 CPU tensor).
+        local: ``[N, P, D]`` L2-normalised patch features (a float32 CPU tensor), or None.
         ids: ``N`` image ids (paths, or ``name[i]`` for in-memory / dataset images).
         labels: ``N`` raw labels (class names or indices) or None when the source has none.
         errors: ``(id, message)`` of each image skipped with ``on_error="skip"`` (not in ``features``).
         name: the source's name.
-        reduced: ``{label: [N] or [N, k] float64}``, the values of each of ``extract_features``'s
+        reduced: ``{label: [N] or [N, k] float64 numpy array}``, the values of each of ``extract_features``'s
             ``local_reducers`` (a reducer's ``[B, 1]`` comes back as ``[N]``), rows aligned with ``features``.
         reduced_keys: ``{label: cache_key}`` of the reducer that computed each ``reduced`` entry (None when it had
             none); :func:`score_detector` refuses values whose key is not the scoring detector's own.
+
+    ``features`` and ``local`` may be given as tensors or numpy arrays; read, they are tensors (sharing memory with
+    an array given). :meth:`global_array` reads the global features as a numpy array without importing torch:
+    features read from the cache are kept as arrays, so that a fully cached run never needs torch.
     """
 
-    features: torch.Tensor
-    local: torch.Tensor | None
-    ids: list[str]
-    labels: list[Any] | None = None
-    errors: list[tuple[str, str]] = field(default_factory=list)
-    name: str = "images"
-    reduced: dict[str, torch.Tensor] = field(default_factory=dict)
-    reduced_keys: dict[str, str | None] = field(default_factory=dict)
+    def __init__(self, features: Any, local: Any, ids: list[str], labels: list[Any] | None = None,
+                 errors: list[tuple[str, str]] | None = None, name: str = "images",
+                 reduced: dict[str, Any] | None = None, reduced_keys: dict[str, str | None] | None = None):
+        self.features = features
+        self.local = local
+        self.ids = ids
+        self.labels = labels
+        self.errors = [] if errors is None else errors
+        self.name = name
+        self.reduced = {} if reduced is None else reduced
+        self.reduced_keys = {} if reduced_keys is None else reduced_keys
+
+    @property
+    def features(self) -> "torch.Tensor":
+        if isinstance(self._features, np.ndarray):
+            self._features = torch.from_numpy(self._features)
+        return self._features
+
+    @features.setter
+    def features(self, value: Any) -> None:
+        self._features = value
+
+    @property
+    def local(self) -> "torch.Tensor | None":
+        if isinstance(self._local, np.ndarray):
+            self._local = torch.from_numpy(self._local)
+        return self._local
+
+    @local.setter
+    def local(self, value: Any) -> None:
+        self._local = value
+
+    def global_array(self) -> np.ndarray:
+        """The global features ``[N, D]`` as a float32 numpy array (no copy; torch is not imported for it)."""
+        return as_array(self._features, np.float32)
+
+    @property
+    def has_local(self) -> bool:
+        """Whether the patch features are held (``local`` is not None), told without importing torch."""
+        return self._local is not None
 
     def __len__(self) -> int:
-        return int(self.features.shape[0])
+        return int(self._features.shape[0])
 
     def __repr__(self) -> str:
-        loc = f", local {tuple(self.local.shape)}" if self.local is not None else ""
+        loc = f", local {tuple(self._local.shape)}" if self._local is not None else ""
         red = f", reduced {sorted(self.reduced)}" if self.reduced else ""
-        return f"Features({self.name!r}: {tuple(self.features.shape)}{loc}{red}, {len(self.errors)} skipped)"
+        return f"Features({self.name!r}: {tuple(self._features.shape)}{loc}{red}, {len(self.errors)} skipped)"
 
 
-class _Decoded(Dataset):
-    """Decodes and preprocesses the selected images of a source inside DataLoader workers."""
+class _Decoded:
+    """Decodes and preprocesses the selected images of a source inside DataLoader workers (a map-style dataset:
+    ``__len__`` and ``__getitem__``)."""
 
     def __init__(self, source: ImageSource, indices: Sequence[int], transform: Any):
         self.source, self.indices, self.transform = source, list(indices), transform
@@ -150,30 +184,29 @@ def _check_reducers(local_reducers: Any) -> dict[str, LocalReducer]:
     return dict(local_reducers)
 
 
-def _reduce(fn: LocalReducer, label: str, loc: torch.Tensor) -> torch.Tensor:
-    """``fn(loc)`` checked and returned as float64 ``[B, k]`` on the CPU."""
-    out = fn(loc)
-    t = out.detach() if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))
-    if t.ndim not in (1, 2) or t.shape[0] != loc.shape[0] or (t.ndim == 2 and t.shape[1] == 0):
+def _reduce(fn: LocalReducer, label: str, loc: Any) -> np.ndarray:
+    """``fn(loc)`` checked and returned as a float64 numpy array ``[B, k]``."""
+    out = as_array(fn(loc), np.float64)
+    if out.ndim not in (1, 2) or out.shape[0] != loc.shape[0] or (out.ndim == 2 and out.shape[1] == 0):
         raise InvalidInputError(f"local reducer {label!r} must return [B] or [B, k] values for a batch of "
-                                f"B={loc.shape[0]} images, got shape {tuple(t.shape)}")
-    return t.to("cpu", torch.float64).reshape(loc.shape[0], -1)
+                                f"B={loc.shape[0]} images, got shape {tuple(out.shape)}")
+    return out.reshape(loc.shape[0], -1)
 
 
-def _pack_f64(v: torch.Tensor) -> torch.Tensor:
+def _pack_f64(v: np.ndarray) -> np.ndarray:
     """``[B, k]`` float64 values as ``[B, 3k]`` float32 whole numbers below 2**22 (each value's 64 bits in parts of
     22, 21 and 21 bits), so the float32 feature cache keeps them bit for bit."""
-    u = np.ascontiguousarray(v.numpy(), dtype=np.float64).view(np.uint64)
+    u = np.ascontiguousarray(v, dtype=np.float64).view(np.uint64)
     parts = np.stack([u >> np.uint64(42), (u >> np.uint64(21)) & np.uint64(0x1FFFFF), u & np.uint64(0x1FFFFF)],
                      axis=-1)
-    return torch.from_numpy(parts.reshape(v.shape[0], -1).astype(np.float32))
+    return parts.reshape(v.shape[0], -1).astype(np.float32)
 
 
-def _unpack_f64(row: torch.Tensor) -> torch.Tensor:
-    """The ``[k]`` float64 values of one row written by :func:`_pack_f64`."""
-    p = row.numpy().astype(np.uint64).reshape(-1, 3)
-    u = (p[:, 0] << np.uint64(42)) | (p[:, 1] << np.uint64(21)) | p[:, 2]
-    return torch.from_numpy(u.view(np.float64).copy())
+def _unpack_f64(rows: np.ndarray) -> np.ndarray:
+    """The ``[B, k]`` float64 values of rows ``[B, 3k]`` written by :func:`_pack_f64`."""
+    p = np.asarray(rows).astype(np.uint64).reshape(len(rows), -1, 3)
+    u = (p[..., 0] << np.uint64(42)) | (p[..., 1] << np.uint64(21)) | p[..., 2]
+    return np.ascontiguousarray(u).view(np.float64).reshape(len(rows), -1)
 
 
 def reduced_namespace(encoder: "Encoder", cache_key: str) -> str:
@@ -209,14 +242,17 @@ class _Writer:
     def __init__(self, encoder: "Encoder"):
         self.record = encoder_record(encoder)
         self.writable = True
-        self.parts: dict[tuple[int, str], tuple[EmbeddingCache, str, list[str], list[torch.Tensor]]] = {}
+        self.parts: dict[tuple[int, str], tuple[EmbeddingCache, str, list[str], list[Any]]] = {}
         self.images = 0
         self.bytes = 0
         self.last = time.monotonic()
 
-    def add(self, store: EmbeddingCache, ns: str, keys: list[str], rows: torch.Tensor) -> None:
+    def add(self, store: EmbeddingCache, ns: str, keys: list[str], rows: Any) -> None:
+        """Queue ``rows`` (a tensor or an array ``[len(keys), D]``) for ``store`` under ``ns``."""
         if not self.writable or not keys:
             return
+        if not is_tensor(rows):
+            rows = torch.from_numpy(np.ascontiguousarray(rows))
         if store.dtype == "float16":
             rows = rows.to(torch.float16)
         part = self.parts.setdefault((id(store), ns), (store, ns, [], []))
@@ -311,7 +347,7 @@ def extract_features(
                                 progress)
     ns = feature_namespace(encoder, local)
     keys = src.identities() if store is not None else []
-    vecs: dict[int, torch.Tensor] = store.get(ns, keys) if store is not None else {}
+    vecs: dict[int, np.ndarray] = store.get_arrays(ns, keys) if store is not None else {}
     missing = [i for i in range(n) if i not in vecs]
     errors: dict[int, str] = {}
     d = encoder.embed_dim
@@ -319,8 +355,9 @@ def extract_features(
 
     def take(idx: list[int], g: torch.Tensor, loc: torch.Tensor | None) -> None:
         rows = torch.cat([g, loc.flatten(1)], dim=1) if loc is not None else g
+        arr = rows.numpy()
         for k, i in enumerate(idx):
-            vecs[i] = rows[k]
+            vecs[i] = arr[k]
         if writer is not None:
             names = [keys[i] for i in idx]
             writer.add(store, ns, names, rows)
@@ -333,9 +370,11 @@ def extract_features(
     order = [i for i in range(n) if i in vecs]
     if not order:
         raise InvalidInputError(f"no readable images in {src.name!r}: all {n} failed to load")
-    rows = torch.stack([vecs[i] for i in order])
-    g = rows[:, :d].contiguous()
-    loc = rows[:, d:].reshape(len(order), -1, d).contiguous() if local else None
+    rows = np.stack([vecs[i] for i in order]).astype(np.float32, copy=False)
+    vecs.clear()
+    g = np.ascontiguousarray(rows[:, :d])
+    loc = np.ascontiguousarray(rows[:, d:].reshape(len(order), -1, d)) if local else None
+    del rows
     feats = Features(
         features=g,
         local=loc,
@@ -346,9 +385,10 @@ def extract_features(
     )
     if reducers and loc is not None:  # full local features asked for too: reduced batch by batch from them
         bs = batch_size or encoder.image_batch_size
+        patches = feats.local  # the tensor reducers are given
         for label, fn in reducers.items():
-            out = torch.cat([_reduce(fn, label, loc[i : i + bs]) for i in range(0, len(order), bs)])
-            feats.reduced[label] = out[:, 0].contiguous() if out.shape[1] == 1 else out
+            out = np.concatenate([_reduce(fn, label, patches[i : i + bs]) for i in range(0, len(order), bs)])
+            feats.reduced[label] = np.ascontiguousarray(out[:, 0]) if out.shape[1] == 1 else out
             feats.reduced_keys[label] = getattr(fn, "cache_key", None)
     return feats
 
@@ -365,36 +405,36 @@ def _extract_reduced(encoder: "Encoder", src: ImageSource, reducers: dict[str, L
     red_ns = {label: reduced_namespace(encoder, fn.cache_key) for label, fn in reducers.items()
               if getattr(fn, "cache_key", None) is not None}
     # one block per output, filled as images come: no tensor per image, nothing between a batch's temporaries
-    gbuf = torch.empty(n, d)
+    gbuf = np.empty((n, d), dtype=np.float32)
     have_g: set[int] = set()
-    rbuf: dict[str, torch.Tensor] = {}
+    rbuf: dict[str, np.ndarray] = {}
     have_r: dict[str, set[int]] = {label: set() for label in reducers}
     writer = _Writer(encoder) if store is not None else None
 
-    def put_values(label: str, idx: list[int], v: torch.Tensor) -> None:
+    def put_values(label: str, idx: list[int], v: np.ndarray) -> None:
         if label not in rbuf:
-            rbuf[label] = torch.full((n, v.shape[1]), float("nan"), dtype=torch.float64)
+            rbuf[label] = np.full((n, v.shape[1]), np.nan, dtype=np.float64)
         elif rbuf[label].shape[1] != v.shape[1]:
             raise InvalidInputError(f"local reducer {label!r} returned {v.shape[1]} value(s) per image, and "
                                     f"{rbuf[label].shape[1]} before (or in the cache under its cache_key)")
         rbuf[label][idx] = v
         have_r[label].update(idx)
 
-    if store is not None:
-        cached = store.get(g_ns, keys)
+    if store is not None:  # numpy arrays: a fully cached run needs no torch
+        cached = store.get_arrays(g_ns, keys)
         if cached:
-            gbuf[list(cached)] = torch.stack(list(cached.values()))
+            gbuf[list(cached)] = np.stack(list(cached.values()))
             have_g.update(cached)
         for label, ns in red_ns.items():
-            cached = store.get(ns, keys)
+            cached = store.get_arrays(ns, keys)
             if cached:
-                put_values(label, list(cached), torch.stack([_unpack_f64(v) for v in cached.values()]))
+                put_values(label, list(cached), _unpack_f64(np.stack(list(cached.values()))))
         del cached
 
     def complete(i: int) -> bool:
         return i in have_g and all(i in h for h in have_r.values())
 
-    def take_reduced(idx: list[int], loc: torch.Tensor, exact: bool) -> None:
+    def take_reduced(idx: list[int], loc: torch.Tensor, exact: bool) -> None:  # loc: a tensor, as reducers get
         for label, fn in reducers.items():
             fresh = [k for k, i in enumerate(idx) if i not in have_r[label]]
             if not fresh:  # cached already (another reducer's values were missing)
@@ -404,14 +444,14 @@ def _extract_reduced(encoder: "Encoder", src: ImageSource, reducers: dict[str, L
             # never values of float16 patch features, and only into a float32 store: the packed float64 parts
             # (integers up to 2^22) would overflow or round in a float16 one
             if writer is not None and exact and label in red_ns and store.dtype == "float32":
-                ok = [k for k in fresh if bool(torch.isfinite(v[k]).all())]
+                ok = [k for k in fresh if bool(np.isfinite(v[k]).all())]
                 if ok:
                     writer.add(store, red_ns[label], [keys[idx[k]] for k in ok], _pack_f64(v[ok]))
 
-    def take_global(idx: list[int], g: torch.Tensor) -> list[int]:
+    def take_global(idx: list[int], g: Any) -> list[int]:
         new = [k for k, i in enumerate(idx) if i not in have_g]
         if new:
-            gbuf[[idx[k] for k in new]] = g[new]
+            gbuf[[idx[k] for k in new]] = as_array(g, np.float32)[new]
             have_g.update(idx[k] for k in new)
         return new
 
@@ -429,9 +469,10 @@ def _extract_reduced(encoder: "Encoder", src: ImageSource, reducers: dict[str, L
         if todo and store is not None:  # patch features cached by earlier runs, read back shard by shard
             exact = store.dtype == "float32"
 
-            def from_full(idx: list[int], rows: torch.Tensor) -> None:  # rows [b, D + P*D] of a local=True run
+            def from_full(idx: list[int], rows: np.ndarray) -> None:  # rows [b, D + P*D] of a local=True run
                 take_global(idx, rows[:, :d])
-                take_reduced(idx, rows[:, d:].reshape(len(idx), -1, d), exact)
+                take_reduced(idx, torch.from_numpy(np.ascontiguousarray(rows[:, d:]).reshape(len(idx), -1, d)),
+                             exact)
 
             _read_cached(store, feature_namespace(encoder, True), keys, todo, bs, from_full)
             todo = [i for i in todo if not complete(i)]
@@ -439,7 +480,7 @@ def _extract_reduced(encoder: "Encoder", src: ImageSource, reducers: dict[str, L
             # (cache_local=True): a default run never gets scores ~1e-3 away from a cold run's without asking
             half = [i for i in todo if i in have_g] if cache_local else []
             _read_cached(_half_cache(store), _patch_namespace(encoder), keys, half, bs,
-                         lambda idx, rows: take_reduced(idx, rows.reshape(len(idx), -1, d), False))
+                         lambda idx, rows: take_reduced(idx, torch.from_numpy(rows.reshape(len(idx), -1, d)), False))
             todo = [i for i in todo if not complete(i)]
         if todo:
             _encode_or_die(encoder, src, todo, errors, True, batch_size, num_workers, on_error, progress, take,
@@ -459,15 +500,15 @@ def _extract_reduced(encoder: "Encoder", src: ImageSource, reducers: dict[str, L
         labels=[src.labels[i] for i in order] if src.labels is not None else None,
         errors=[(src.ids[i], errors[i]) for i in sorted(errors)],
         name=src.name,
-        reduced={label: pick(rbuf[label][:, 0] if rbuf[label].shape[1] == 1 else rbuf[label]).contiguous()
+        reduced={label: np.ascontiguousarray(pick(rbuf[label][:, 0] if rbuf[label].shape[1] == 1 else rbuf[label]))
                  for label in reducers},
         reduced_keys={label: getattr(fn, "cache_key", None) for label, fn in reducers.items()},
     )
 
 
 def _read_cached(store: EmbeddingCache, ns: str, keys: list[str], wanted: list[int], bs: int,
-                 use: Callable[[list[int], torch.Tensor], None]) -> None:
-    """Hand the cached float32 rows of the ``wanted`` images to ``use(indices, rows)``, at most ``bs`` rows at a
+                 use: Callable[[list[int], np.ndarray], None]) -> None:
+    """Hand the cached float32 rows (numpy) of the ``wanted`` images to ``use(indices, rows)``, at most ``bs`` rows at a
     time and one cache shard at a time (unlike :meth:`EmbeddingCache.get`, which returns every hit at once).
     Shards are checked as ``get`` checks them; non-finite rows are never handed over."""
     if not wanted:
@@ -494,8 +535,8 @@ def _read_cached(store: EmbeddingCache, ns: str, keys: list[str], wanted: list[i
         pairs = [(i, r) for kb, r in hits.items() for i in want.pop(kb)]
         for s in range(0, len(pairs), bs):
             chunk = pairs[s : s + bs]
-            rows = emb[[r for _, r in chunk]].float()
-            finite = torch.isfinite(rows).all(dim=1)
+            rows = emb[[r for _, r in chunk]].astype(np.float32)
+            finite = np.isfinite(rows).all(axis=1)
             if not bool(finite.all()):
                 rows = rows[finite]
             idx = [i for (i, _), ok in zip(chunk, finite.tolist()) if ok]
@@ -555,6 +596,8 @@ def _encode_missing(encoder: "Encoder", src: ImageSource, missing: list[int], er
     workers = _default_workers() if num_workers is None else num_workers
     if len(missing) <= bs:
         workers = 0  # not worth starting processes
+    from torch.utils.data import DataLoader
+
     loader = DataLoader(
         _Decoded(src, missing, encoder.preprocess), batch_size=bs, num_workers=workers, collate_fn=_collate,
         pin_memory=encoder.device.type == "cuda", persistent_workers=False,
@@ -654,7 +697,7 @@ def local_plan(detectors: Mapping[str, Any]) -> tuple[bool, dict[str, LocalReduc
 def score_detector(detector: Any, features: Features, label: str) -> "np.ndarray":
     """``detector``'s scores of ``features``: from the values of its local reducer (``features.reduced[label]``,
     see :func:`local_plan`) when the patch features themselves were not kept, else ``score_features``."""
-    if getattr(detector, "needs_local", False) and features.local is None and label in features.reduced:
+    if getattr(detector, "needs_local", False) and not features.has_local and label in features.reduced:
         stored = features.reduced_keys.get(label)
         if stored is not None:  # values of another detector's settings under the same label are never used
             make = getattr(detector, "local_reducer", None)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
+from ._lazy import torch
 from .errors import InvalidInputError
 from .lexicons import Lexicon, file_pos, file_stem, load, load_files, selection_files
 

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import numpy as np
-import torch
 
+from .._lazy import as_array, is_tensor, torch
 from ..encoders.base import Encoder, ImageInput
 from ..errors import InvalidInputError
 from ..metrics import threshold_at_tpr
-from ..text.embed import CacheArg, class_embeddings
+from ..text.embed import CacheArg, class_embedding_array
 from ..text.prompts import load_classes, load_templates
 
 if TYPE_CHECKING:
@@ -39,24 +39,30 @@ def _is_features(x: Any) -> bool:
 
 
 def _unpack(features: Any, local: Any) -> tuple[Any, Any]:
+    """``(global, local)`` of ``Features`` (their arrays: no torch needed) or of separate arguments."""
     if _is_features(features):
-        return features.features, features.local if local is None else local
+        return features.global_array(), features.local if local is None else local
     return features, local
 
 
 def _as_float_tensor(x: Any) -> torch.Tensor:
-    return (x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))).float()
+    return (x.detach() if is_tensor(x) else torch.as_tensor(np.asarray(x))).float()
+
+
+def _as_float_array(x: Any) -> np.ndarray:
+    """``x`` (tensor, array, nested lists) as a float32 numpy array on the CPU (no copy when it already is one)."""
+    return as_array(x, np.float32)
 
 
 def _numeric_array(x: Any) -> np.ndarray | None:
     """``x`` as a float array when it is numbers (array, tensor, or a list of numbers / of lists of numbers)."""
-    if isinstance(x, torch.Tensor):
+    if is_tensor(x):
         return x.detach().cpu().double().numpy()
     if isinstance(x, np.ndarray):
         return x.astype(np.float64) if np.issubdtype(x.dtype, np.number) else None
     if isinstance(x, (list, tuple)) and x:
         first = x[0]
-        rows = isinstance(first, (list, tuple, np.ndarray, torch.Tensor))
+        rows = isinstance(first, (list, tuple, np.ndarray)) or is_tensor(first)
         if all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (first if rows else x)):
             try:
                 return np.asarray(x, dtype=np.float64)
@@ -115,17 +121,19 @@ class Prediction:
     is_ood: np.ndarray
 
 
-def nan_where_not_finite(scores: np.ndarray, features: torch.Tensor, local: Any = None) -> np.ndarray:
+def nan_where_not_finite(scores: np.ndarray, features: Any, local: Any = None) -> np.ndarray:
     """``scores`` with NaN for every row whose global (or local) features hold NaN/Inf: such an image is OOD, never
-    ID (an infinite feature would otherwise give Energy or MaxLogit an infinite, maximally-ID score)."""
-    bad = ~torch.isfinite(features).all(dim=1)
+    ID (an infinite feature would otherwise give Energy or MaxLogit an infinite, maximally-ID score). Features may be
+    tensors or arrays."""
+    g = _as_float_array(features)
+    bad = ~np.isfinite(g).all(axis=1)
     if local is not None:
-        loc = _as_float_tensor(local)
-        if loc.ndim == 3 and loc.shape[0] == features.shape[0]:
-            bad |= ~torch.isfinite(loc).flatten(1).all(dim=1)
+        loc = _as_float_array(local)
+        if loc.ndim == 3 and loc.shape[0] == g.shape[0]:
+            bad |= ~np.isfinite(loc.reshape(loc.shape[0], -1)).all(axis=1)
     if bool(bad.any()):
         scores = np.array(scores, dtype=np.float64 if scores.dtype == np.float64 else np.float32, copy=True)
-        scores[bad.numpy()] = np.nan
+        scores[bad] = np.nan
     return scores
 
 
@@ -178,7 +186,7 @@ class Detector:
         self.cache = cache
         self.threshold_: float | None = None
         self.tpr_: float | None = None
-        self._text: torch.Tensor | None = None
+        self._text: np.ndarray | None = None  # [C, D] float32; text_features gives it as a tensor
 
     def _text_side(self) -> str:
         if self.prompts is None:
@@ -191,13 +199,14 @@ class Detector:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.classes)} classes, {self._text_side()}, {self.encoder.spec})"
 
-    def _class_text(self) -> torch.Tensor:
-        """``[C, D]`` L2-normalised ID class embeddings: learned prompts' or the template ensemble's."""
+    def _class_text(self) -> np.ndarray:
+        """``[C, D]`` L2-normalised ID class embeddings (float32 array): learned prompts' or the template
+        ensemble's."""
         if self.prompts is None:
-            return class_embeddings(self.encoder, self.classes, self.templates, cache=self.cache)
+            return class_embedding_array(self.encoder, self.classes, self.templates, cache=self.cache)
         with warnings.catch_warnings():  # the other-encoder warning was given once, when the detector was built
             warnings.filterwarnings("ignore", message="learned prompts were trained with")
-            return self.prompts.text_features(self.encoder).float()
+            return _as_float_array(self.prompts.text_features(self.encoder))
 
     def get_params(self) -> dict[str, Any]:
         """The method's hyper-parameters as ``__init__`` takes them (:attr:`param_names`), JSON values."""
@@ -220,7 +229,7 @@ class Detector:
         cannot tell them apart, typically because their names are unknown to its tokenizer.
         """
         if self._text is None:
-            self._text = self._class_text()
+            self._text = np.ascontiguousarray(self._class_text(), dtype=np.float32)
             self._warn_identical_classes(self._text)
             self._warn_unknown_words()
         return self
@@ -241,11 +250,11 @@ class Detector:
                           f"{self.encoder.spec}: {shown}; the model cannot read them, so their scores are meaningless",
                           stacklevel=3)
 
-    def _warn_identical_classes(self, text: torch.Tensor) -> None:
+    def _warn_identical_classes(self, text: np.ndarray) -> None:
         pairs: list[tuple[int, int]] = []
         for start in range(0, len(text), 1024):  # row blocks: never a [C, C] matrix for 21k classes
-            cos = text[start : start + 1024].float() @ text.float().T
-            rows, cols = (cos > DUPLICATE_COSINE).nonzero(as_tuple=True)
+            cos = text[start : start + 1024] @ text.T
+            rows, cols = np.nonzero(cos > DUPLICATE_COSINE)
             pairs += [(start + r, c) for r, c in zip(rows.tolist(), cols.tolist()) if c > start + r]
         if not pairs:
             return
@@ -259,25 +268,39 @@ class Detector:
 
     @property
     def text_features(self) -> torch.Tensor:
-        """ID class embeddings ``[C, D]``, L2-normalised."""
+        """ID class embeddings ``[C, D]``, L2-normalised (a float32 tensor sharing the detector's array)."""
+        return torch.from_numpy(self._text_array())
+
+    def _text_array(self) -> np.ndarray:
+        """The ID class embeddings as the detector holds them: a float32 numpy array ``[C, D]``."""
         return self.fit()._text  # type: ignore[return-value]
 
     def _check_width(self, width: int, what: str) -> None:
-        d = self.text_features.shape[-1]
+        d = self._text_array().shape[-1]
         if width != d:
             raise InvalidInputError(
                 f"{what} have width {width} but the class text embeddings of {self.encoder.spec} have width {d}: "
                 "the features were probably extracted with a different encoder than this detector's")
 
     def similarities(self, features: Any) -> torch.Tensor:
-        """Cosine similarities to the ID classes: ``[N, D] -> [N, C]`` or ``[N, P, D] -> [N, P, C]``."""
-        f = _as_float_tensor(features)
+        """Cosine similarities to the ID classes: ``[N, D] -> [N, C]`` or ``[N, P, D] -> [N, P, C]`` (a float32
+        tensor; computed as :meth:`_similarity_array`)."""
+        return torch.from_numpy(self._similarity_array(features))
+
+    def _similarity_array(self, features: Any) -> np.ndarray:
+        """:meth:`similarities` as a float32 numpy array: the float32 matrix product of the features and the class
+        embeddings, on the CPU (what the scores are computed from, whatever the features came as)."""
+        f = _as_float_array(features)
         self._check_width(f.shape[-1] if f.ndim else 0, "image features")
-        return f @ self.text_features.T
+        return f @ self._text_array().T
 
     def global_features(self, image_features: Any) -> torch.Tensor:
         """Global features ``[N, D]`` (array, tensor or ``Features``) as float32, checked against the text side."""
-        f = _as_float_tensor(_unpack(image_features, None)[0])
+        return torch.from_numpy(self._global_array(image_features))
+
+    def _global_array(self, image_features: Any) -> np.ndarray:
+        """:meth:`global_features` as a float32 numpy array."""
+        f = _as_float_array(_unpack(image_features, None)[0])
         if f.ndim != 2:
             hint = " (one image: add a batch axis, x[None])" if f.ndim == 1 else ""
             raise InvalidInputError(f"image features must be [N, D], got shape {tuple(f.shape)}{hint}")
@@ -296,14 +319,16 @@ class Detector:
                    if from_features else "pass local_features [N, P, D] (encode_images(..., local=True)) or "
                    "Features from extract_features(..., local=True)")
             raise InvalidInputError(f"{type(self).__name__} needs local (per-patch) features; {how}")
-        g = self.global_features(image_features)
-        return nan_where_not_finite(self._score(self.similarities(g), local_features), g,
+        g = self._global_array(image_features)
+        return nan_where_not_finite(self._score(self._similarity_array(g), local_features), g,
                                     local_features if self.needs_local else None)
 
-    def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:
+    def _score(self, sims: np.ndarray, local_features: Any) -> np.ndarray:
+        """Scores ``[N]`` from the global similarities ``[N, C]`` (float32 array) and, for detectors that need them,
+        the local features."""
         raise NotImplementedError
 
-    def local_reducer(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def local_reducer(self) -> Callable[[Any], Any] | None:
         """For a detector that needs local (patch) features: a function from one batch's patch features
         ``[B, P, D]`` to this detector's local values ``[B]`` (or ``[B, k]``), which :meth:`score_reduced` turns
         into scores; with it, patch features are reduced batch by batch and dropped
@@ -316,19 +341,18 @@ class Detector:
         """ID scores ``[N]`` from global features ``[N, D]`` (or ``Features``) and the values of
         :meth:`local_reducer` for the same images (``Features.reduced[label]``); equal to :meth:`score_features`
         with the full local features. Rows whose global features or reduced values are not finite score NaN."""
-        g = self.global_features(image_features)
-        r = reduced.detach().cpu() if isinstance(reduced, torch.Tensor) else torch.as_tensor(np.asarray(reduced))
-        r = r.to(torch.float64)
+        g = self._global_array(image_features)
+        r = as_array(reduced, np.float64)
         if r.ndim not in (1, 2) or r.shape[0] != g.shape[0]:
             raise InvalidInputError(f"reduced local values must be [N={g.shape[0]}] or [N, k], got {tuple(r.shape)}")
-        out = nan_where_not_finite(self._score_reduced(self.similarities(g), r), g)
-        bad = ~torch.isfinite(r.reshape(r.shape[0], -1)).all(dim=1)
+        out = nan_where_not_finite(self._score_reduced(self._similarity_array(g), r), g)
+        bad = ~np.isfinite(r.reshape(r.shape[0], -1)).all(axis=1)
         if bool(bad.any()):
             out = np.array(out, dtype=np.float64, copy=True)
-            out[bad.numpy()] = np.nan
+            out[bad] = np.nan
         return out
 
-    def _score_reduced(self, sims: torch.Tensor, reduced: torch.Tensor) -> np.ndarray:
+    def _score_reduced(self, sims: np.ndarray, reduced: np.ndarray) -> np.ndarray:
         raise InvalidInputError(f"{type(self).__name__} has no local reducer: score it with score_features")
 
     def _features(self, images: ImageInput | Any, batch_size: int | None):
@@ -344,7 +368,7 @@ class Detector:
 
     def classify_features(self, image_features: Any) -> np.ndarray:
         """Index of the most similar ID class for each image: ``[N, D]`` (or ``Features``) ``-> [N]``."""
-        return self.similarities(self.global_features(image_features)).argmax(dim=-1).numpy()
+        return np.argmax(self._similarity_array(self._global_array(image_features)), axis=-1)
 
     def classify(self, images: ImageInput, batch_size: int | None = None) -> np.ndarray:
         """Predicted ID class index ``[N]`` for each image (same inputs as :meth:`score`)."""
@@ -362,7 +386,7 @@ class Detector:
         raise a one-line :class:`InvalidInputError`.
         """
         x = id_scores_or_images
-        images = _is_features(x) or (isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 4)
+        images = _is_features(x) or ((isinstance(x, np.ndarray) or is_tensor(x)) and x.ndim == 4)
         arr = None if images else _numeric_array(x)
         if arr is None:
             scores = self.score(x)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from .. import scores
+from .._lazy import torch
 from ..errors import InvalidInputError
 from ..text.embed import class_embeddings
 from .base import Detector, _unpack, nan_where_not_finite

@@ -6,12 +6,11 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from .. import scores
 from ..encoders.base import Encoder
 from ..errors import InvalidInputError
-from .base import Detector, _as_float_tensor
+from .base import Detector, _as_float_array
 from .mcm import _need_two_classes
 
 
@@ -36,12 +35,12 @@ class GLMCM(Detector):
             raise InvalidInputError(f"lam must be a finite number, got {lam!r}")
         self.lam = float(lam)
 
-    def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:
-        loc = _as_float_tensor(local_features)
+    def _score(self, sims: np.ndarray, local_features: Any) -> np.ndarray:
+        loc = _as_float_array(local_features)
         if loc.ndim != 3 or loc.shape[0] != sims.shape[0]:
             raise InvalidInputError(f"local_features must be [N={sims.shape[0]}, P, D], got {tuple(loc.shape)}")
         self._check_width(loc.shape[2], "local (per-patch) features")
-        text = self.text_features.T
+        text = self._text_array().T
         chunks = [  # chunked so [N, P, C] similarities never exist in full
             scores.glmcm(sims[i : i + 256], loc[i : i + 256] @ text, self.temperature, self.lam)
             for i in range(0, loc.shape[0], 256)
@@ -53,26 +52,25 @@ class GLMCM(Detector):
         T)`` ``[B]`` (NaN for rows with non-finite patch features); :meth:`score_reduced` adds ``mcm(global)`` and
         ``lam`` times it, equal to :meth:`score_features` with the full local features. Its ``cache_key`` names the
         class embeddings and the temperature."""
-        text = self.text_features
+        text_array = self._text_array()
         temperature = self.temperature
-        h = hashlib.sha256(f"glmcm-local-v1|{temperature!r}|{tuple(text.shape)}|".encode())
-        h.update(text.detach().float().contiguous().cpu().numpy().tobytes())
+        h = hashlib.sha256(f"glmcm-local-v1|{temperature!r}|{tuple(text_array.shape)}|".encode())
+        h.update(np.ascontiguousarray(text_array, dtype=np.float32).tobytes())
 
-        def reduce(local_features: Any) -> torch.Tensor:
-            loc = _as_float_tensor(local_features)
+        def reduce(local_features: Any) -> np.ndarray:
+            loc = _as_float_array(local_features)
             if loc.ndim != 3:
                 raise InvalidInputError(f"local_features must be [B, P, D], got {tuple(loc.shape)}")
             self._check_width(loc.shape[2], "local (per-patch) features")
-            out = torch.from_numpy(scores.local_mcm(loc @ text.T, temperature))
-            bad = ~torch.isfinite(loc).flatten(1).all(dim=1)
-            if bool(bad.any()):
-                out[bad] = float("nan")
+            # numpy's stacked product, as _score computes it: the same values from a batch or the whole set
+            out = scores.local_mcm(loc @ text_array.T, temperature)
+            out[~np.isfinite(loc.reshape(loc.shape[0], -1)).all(axis=1)] = np.nan
             return out
 
         reduce.cache_key = f"glmcm-{h.hexdigest()[:32]}"  # type: ignore[attr-defined]
         return reduce
 
-    def _score_reduced(self, sims: torch.Tensor, reduced: torch.Tensor) -> np.ndarray:
+    def _score_reduced(self, sims: np.ndarray, reduced: np.ndarray) -> np.ndarray:
         if reduced.ndim != 1:
             raise InvalidInputError(f"GL-MCM's reduced local values must be [N], got {tuple(reduced.shape)}")
-        return scores.mcm(sims, self.temperature) + self.lam * reduced.numpy()
+        return scores.mcm(sims, self.temperature) + self.lam * reduced

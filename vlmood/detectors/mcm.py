@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from .. import scores
 from ..encoders.base import Encoder
@@ -45,7 +44,7 @@ class MCM(Detector):
         _need_two_classes(self)
         self.temperature = scores.check_positive(temperature, "temperature")
 
-    def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:
+    def _score(self, sims: np.ndarray, local_features: Any) -> np.ndarray:
         return scores.mcm(sims, self.temperature)
 
 
@@ -68,7 +67,7 @@ class MaxLogit(Detector):
         super().__init__(encoder, classes, templates, **kw)
         self.logit_scale = None if logit_scale is None else scores.check_positive(logit_scale, "logit_scale")
 
-    def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:
+    def _score(self, sims: np.ndarray, local_features: Any) -> np.ndarray:
         return scores.max_logit(sims, _scale(self))
 
 
@@ -93,5 +92,5 @@ class Energy(Detector):
         self.logit_scale = None if logit_scale is None else scores.check_positive(logit_scale, "logit_scale")
         self.temperature = scores.check_positive(temperature, "temperature")
 
-    def _score(self, sims: torch.Tensor, local_features: Any) -> np.ndarray:
+    def _score(self, sims: np.ndarray, local_features: Any) -> np.ndarray:
         return scores.energy(sims, _scale(self), self.temperature)

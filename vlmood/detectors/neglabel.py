@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from .. import scores
 from .._io import printable, read_text
+from .._lazy import torch
 from ..encoders.base import Encoder
 from ..errors import InvalidInputError
 from ..lexicons import Lexicon

@@ -38,9 +38,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from .._io import printable
+from .._lazy import torch
 from ..errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -543,7 +544,7 @@ def _build_clip(cls: type, meta: dict[str, Any], arrays: dict[str, torch.Tensor]
         if width != encoder.embed_dim:
             raise InvalidInputError(f"{name}: array 'text' has width {width} but {encoder.spec} embeds in "
                                     f"{encoder.embed_dim} dimensions")
-        det._text = arrays["text"].float()
+        det._text = np.ascontiguousarray(arrays["text"].float().numpy())
         if issubclass(cls, NegLabel):
             det._neg = arrays["negatives"].float()
         if issubclass(cls, CLIPN):

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
-
-from .base import Encoder, EncoderSpec, image_items, parse_spec, resolve_device, resolve_precision
+from .base import (Encoder, EncoderSpec, device_type_without_torch, image_items, parse_spec, resolve_device,
+                   resolve_precision)
 from .registry import register_model, register_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 
 def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = None, precision: str | None = None,
@@ -37,7 +40,7 @@ def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = No
 
         with warnings.catch_warnings():  # the precision's own warning comes once, from the encoder built below
             warnings.simplefilter("ignore")
-            prec = resolve_precision(precision, resolve_device(device))
+            prec = resolve_precision(precision, device_type_without_torch(device) or resolve_device(device))
         rec = record.lookup(parsed, prec)
         if rec is not None:
             from .deferred import DeferredEncoder

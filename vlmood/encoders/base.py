@@ -5,6 +5,7 @@ import contextlib
 import difflib
 import hashlib
 import os
+import sys
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -12,12 +13,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from .._lazy import F, torch
 from ..errors import InvalidInputError
 
-ImageInput = Union[torch.Tensor, str, "os.PathLike[str]", Any, Sequence[Any]]
+ImageInput = Union["torch.Tensor", str, "os.PathLike[str]", Any, Sequence[Any]]
 """A preprocessed batch ``[N, 3, H, W]`` (tensor or array); one image path, folder, glob or manifest; one PIL
 image; or a sequence of PIL images, paths and folders (see :func:`image_items`)."""
 
@@ -107,6 +107,32 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+def no_gpu_possible() -> bool:
+    """True when ``torch.cuda.is_available()`` is certainly False, decided without importing torch: macOS (no CUDA
+    builds), or Linux without the device nodes a CUDA (``/dev/nvidiactl``, ``/dev/nvidia0``...), ROCm (``/dev/kfd``)
+    or WSL (``/dev/dxg``) GPU needs. Anywhere else (Windows...) it cannot be known without torch: False."""
+    if sys.platform == "darwin":
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        nodes = os.listdir("/dev")
+    except OSError:
+        return False
+    return not any(n.startswith("nvidia") or n in ("kfd", "dxg") for n in nodes)
+
+
+def device_type_without_torch(device: Any) -> str | None:
+    """``"cpu"`` when ``device`` certainly resolves to the CPU (:func:`resolve_device`) and that can be told without
+    importing torch: ``"cpu"`` itself, or None (the default) where no GPU can exist (:func:`no_gpu_possible`) and
+    torch is not loaded yet; else None (resolve it with torch)."""
+    if isinstance(device, str) and device.strip() == "cpu":
+        return "cpu"
+    if device is None and "torch" not in sys.modules and no_gpu_possible():
+        return "cpu"
+    return None
+
+
 def _cpu_fp16_autocast_works() -> bool:
     """Whether this torch really computes in fp16 under CPU autocast (older versions silently disable it)."""
     with warnings.catch_warnings():
@@ -123,8 +149,9 @@ def _cpu_has_native_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: str | None, device: torch.device) -> str:
-    """``precision`` as given, else ``bf16`` (or ``fp16``) on CUDA and ``fp32`` on CPU.
+def resolve_precision(precision: str | None, device: "torch.device | str") -> str:
+    """``precision`` as given, else ``bf16`` (or ``fp16``) on CUDA and ``fp32`` on CPU. ``device``: a resolved
+    device, or its type (``"cpu"``).
 
     A reduced precision holds the weights in that dtype (cast once at load, see :meth:`Encoder.compute_dtype`).
     On CPU, ``fp16`` and ``bf16`` are allowed (features stay within about 1e-2 of fp32) with a warning: ``bf16`` is
@@ -132,13 +159,14 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     slower than fp32 on CPUs. ``fp16`` on a torch whose CPU autocast cannot run fp16 (training code autocasts) is
     refused rather than silently run in fp32.
     """
+    kind = device if isinstance(device, str) else device.type
     if precision is None:
-        if device.type == "cuda":
+        if kind == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if precision not in PRECISIONS:
         raise InvalidInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if device.type == "cpu" and precision != "fp32":
+    if kind == "cpu" and precision != "fp32":
         if precision == "fp16" and not _cpu_fp16_autocast_works():
             raise InvalidInputError(f"this torch ({torch.__version__}) cannot compute in fp16 on CPU; "
                                     "use precision fp32 (the CPU default) or bf16")
@@ -152,8 +180,9 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     return precision
 
 
-PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-"""The dtype in which an encoder of each precision holds its weights and computes."""
+def precision_dtype(precision: str) -> "torch.dtype":
+    """The dtype in which an encoder of ``precision`` (fp32, fp16, bf16) holds its weights and computes."""
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -161,23 +190,21 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     (learned prompts, CLIPN's "no" tower) next to an encoder's reduced-precision weights."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISION_DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=precision_dtype(precision))
 
 
-class _LayerNormFp32(torch.nn.LayerNorm):
-    """A LayerNorm with float32 parameters that normalises in float32 and returns the input's dtype (open_clip's
-    ``LayerNormFp32``), for towers whose other weights are held in bf16/fp16."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
-
-
-def cast_to_low_precision(model: torch.nn.Module, dtype: torch.dtype, ln_class: type = _LayerNormFp32,
-                          ln_types: tuple[type, ...] = (torch.nn.LayerNorm,),
+def cast_to_low_precision(model: torch.nn.Module, dtype: torch.dtype, ln_class: type | None = None,
+                          ln_types: tuple[type, ...] | None = None,
                           keep: Sequence[str] = ("logit_scale", "logit_bias")) -> None:
     """Cast every floating parameter and buffer of ``model`` to ``dtype`` in place, except: LayerNorms of exactly
-    a type in ``ln_types`` become ``ln_class`` (float32 parameters, normalising in float32), and the parameters
-    named in ``keep`` (the learned temperature and bias, which set the scores' scale) stay float32 and exact."""
+    a type in ``ln_types`` (default ``torch.nn.LayerNorm``) become ``ln_class`` (default
+    :class:`~vlmood.encoders.lowprec.LayerNormFp32`: float32 parameters, normalising in float32), and the
+    parameters named in ``keep`` (the learned temperature and bias, which set the scores' scale) stay float32 and
+    exact."""
+    from .lowprec import LayerNormFp32
+
+    ln_class = ln_class if ln_class is not None else LayerNormFp32
+    ln_types = ln_types if ln_types is not None else (torch.nn.LayerNorm,)
     kept = {name: p.detach().clone() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in keep}
     model.to(dtype)
     for name, value in kept.items():
@@ -373,6 +400,11 @@ class Encoder(ABC):
         return self.spec.name
 
     @property
+    def device_name(self) -> str:
+        """``str(self.device)`` (``"cpu"``, ``"cuda:0"``...), as provenance records it."""
+        return str(self.device)
+
+    @property
     def cache_precision(self) -> str:
         """The precision as caches key it: ``fp32``, or ``bf16-weights`` / ``fp16-weights`` (weights cast once). Entries
         written by earlier versions under ``bf16``/``fp16`` came from autocast over fp32 weights, up to ~1e-2 away:
@@ -384,7 +416,7 @@ class Encoder(ABC):
         """The dtype of the towers' weights and of their forwards: float32 for ``fp32``; for ``bf16``/``fp16`` the
         weights are cast once at load (as open_clip's own ``precision`` option does: matrix weights and projections
         in that dtype, LayerNorms and the logit scale in float32). Returned features are float32 either way."""
-        return PRECISION_DTYPES[self.precision]
+        return precision_dtype(self.precision)
 
     def _hold_precision(self, model: torch.nn.Module) -> None:
         """Cast ``model`` (still on the CPU) to :attr:`precision` once. The fingerprint is taken first, from the

@@ -16,15 +16,15 @@ import threading
 import warnings
 from typing import Any, Sequence
 
-import torch
-
+from .._lazy import torch
 from ..errors import EncoderLoadError
 from . import record as _record
 from . import registry
-from .base import Encoder, EncoderSpec, ImageInput, resolve_device, resolve_precision
+from .base import Encoder, EncoderSpec, ImageInput, device_type_without_torch, resolve_device, resolve_precision
 
-_PRIVATE = frozenset({"_real", "_card", "_fingerprint", "_device_arg", "_precision_arg", "_tokenizer"})
-_MIRRORED = frozenset({"spec", "device", "precision", "image_batch_size", "text_batch_size"})
+_PRIVATE = frozenset({"_real", "_card", "_fingerprint", "_device_arg", "_precision_arg", "_tokenizer", "_device",
+                      "_device_type"})
+_MIRRORED = frozenset({"spec", "precision", "image_batch_size", "text_batch_size"})
 """Held by the proxy and, once it is built, set on the real encoder too."""
 _OWN = _PRIVATE | _MIRRORED
 _BUILD = threading.RLock()  # one build per proxy, whichever thread asks first
@@ -37,8 +37,10 @@ class DeferredEncoder(Encoder):
         object.__setattr__(self, "_real", None)
         self._tokenizer = None
         self.spec = spec
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        # the CPU is told without importing torch where no GPU can exist (a warm run then never imports it)
+        self._device_type = device_type_without_torch(device)
+        self._device = None if self._device_type is not None else resolve_device(device)
+        self.precision = resolve_precision(precision, self._device_type or self._device)
         self._device_arg, self._precision_arg = device, precision
         self._fingerprint = rec["fingerprint"]
         self._card = rec["card"]
@@ -89,6 +91,29 @@ class DeferredEncoder(Encoder):
     @tokenizer.setter
     def tokenizer(self, value: Any) -> None:
         self.materialize().tokenizer = value
+
+    @property
+    def device(self) -> "torch.device":
+        """The real encoder's device once built; before, the one it will be built on (resolved now if it was not)."""
+        if self._real is not None:
+            return self._real.device
+        if self._device is None:
+            object.__setattr__(self, "_device", resolve_device(self._device_arg))
+        return self._device
+
+    @device.setter
+    def device(self, value: Any) -> None:
+        object.__setattr__(self, "_device", value)
+        object.__setattr__(self, "_device_arg", value)  # what the real encoder will be built with
+        object.__setattr__(self, "_device_type", None)
+        if self._real is not None:
+            self._real.device = value
+
+    @property
+    def device_name(self) -> str:
+        if self._real is None and self._device is None and self._device_type is not None:
+            return self._device_type
+        return str(self.device)
 
     @property
     def loaded(self) -> bool:

@@ -90,6 +90,12 @@ def _align(keys: list[tuple[str, int]], src: list[tuple[str, int]], values: np.n
     return out
 
 
+def _device_name(encoder: Any) -> str:
+    """``str(encoder.device)``; a deferred encoder answers without resolving (importing torch for) its device."""
+    name = getattr(encoder, "device_name", None)
+    return name if isinstance(name, str) else str(getattr(encoder, "device", None))
+
+
 def _simple(v: Any) -> bool:
     if v is None or isinstance(v, (bool, int, float, str)):
         return True
@@ -357,7 +363,7 @@ class Benchmark:
         enc = None
         if encoder is not None:
             enc = {"spec": str(encoder.spec), "fingerprint": encoder.fingerprint,
-                   "device": str(getattr(encoder, "device", None)), "precision": getattr(encoder, "precision", None)}
+                   "device": _device_name(encoder), "precision": getattr(encoder, "precision", None)}
         sets = {}
         for name, src in (("ID", self.id), *((n, s) for g in self.ood.values() for n, s in g.items())):
             src = as_source(src)

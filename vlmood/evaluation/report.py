@@ -430,9 +430,12 @@ class Report:
     def _figure_makers(self) -> dict[str, Any]:
         """``{figure name: function drawing it}`` for :meth:`plot`, in its order (matplotlib imported on call)."""
         def make(kind: str, *args: Any) -> Any:
-            from . import plots
+            def draw() -> Any:
+                from . import plots
 
-            return lambda: getattr(plots, kind)(self, *args)
+                return getattr(plots, kind)(self, *args)
+
+            return draw
 
         makers = {"comparison": make("comparison")}
         for m, stem in unique_stems(self.scores).items():  # two labels never overwrite each other's plots

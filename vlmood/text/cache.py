@@ -46,12 +46,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from .._io import atomic_write_bytes, printable
+from .._lazy import is_tensor, torch
 from .._paths import cache_root
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_DTYPES = ("float32", "float16")  # names of both numpy and torch dtypes
 STALE_TMP_SECONDS = 3600.0
 """A temporary ``.*.tmp`` file in a cache folder older than this (seconds) was left by a killed or failed writer
 and is removed; younger ones may belong to a concurrent writer and are left alone."""
@@ -84,10 +84,17 @@ def _corrupt_errors() -> tuple[type[BaseException], ...]:
 _CORRUPT = _corrupt_errors()
 
 
-def _checksum(keys: torch.Tensor, emb: torch.Tensor) -> str:
+def _raw_bytes(x: Any) -> bytes:
+    """The bytes of a tensor or numpy array, in C order (the same for the same values and dtype either way)."""
+    if is_tensor(x):
+        return x.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""
+    return np.ascontiguousarray(x).tobytes()
+
+
+def _checksum(keys: Any, emb: Any) -> str:
     h = hashlib.sha256()
-    h.update(keys.contiguous().numpy().tobytes())
-    h.update(emb.contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(_raw_bytes(keys))
+    h.update(_raw_bytes(emb))
     return h.hexdigest()
 
 
@@ -195,6 +202,10 @@ class EmbeddingCache:
 
         An unreadable cache folder gives one :class:`CacheWarning` and no hits (everything is recomputed).
         """
+        return {i: torch.from_numpy(v) for i, v in self.get_arrays(namespace, texts).items()}
+
+    def get_arrays(self, namespace: str, texts: Sequence[str]) -> dict[int, np.ndarray]:
+        """:meth:`get` as float32 numpy arrays ``[D]`` (reads the shards without torch)."""
         folder = self.folder(namespace)
         try:
             if not folder.is_dir() or not texts:
@@ -203,7 +214,7 @@ class EmbeddingCache:
             want: dict[bytes, list[int]] = {}
             for i, t in enumerate(texts):
                 want.setdefault(prompt_key(t), []).append(i)
-            found: dict[int, torch.Tensor] = {}
+            found: dict[int, np.ndarray] = {}
             index = self._read_index(folder) or {}
             for shard in sorted(folder.glob("*.safetensors")):
                 if not want:
@@ -213,8 +224,8 @@ class EmbeddingCache:
                     continue
                 rows, emb = loaded
                 for k, r in rows.items():
-                    vec = emb[r].float()
-                    if not bool(torch.isfinite(vec).all()):  # never serve NaN/Inf (written by an older version)
+                    vec = emb[r].astype(np.float32)
+                    if not np.isfinite(vec).all():  # never serve NaN/Inf (written by an older version)
                         continue
                     for i in want.pop(k):
                         found[i] = vec
@@ -224,17 +235,18 @@ class EmbeddingCache:
             return {}
 
     def _load_hits(self, shard: Path, entry: dict | None, want: dict[bytes, Any]):
-        """``({key: row}, emb)`` for the wanted keys this shard holds, or None. The embeddings of a shard are
-        read (and its checksum verified, once per process) only when it holds a wanted key."""
+        """``({key: row}, emb)`` for the wanted keys this shard holds, or None; ``emb`` is the shard's numpy array
+        (float32, or float16 in a float16 cache). The embeddings of a shard are read (and its checksum verified,
+        once per process) only when it holds a wanted key."""
         from safetensors import safe_open
 
         try:
             st = shard.stat()
-            with safe_open(str(shard), framework="pt") as f:
+            with safe_open(str(shard), framework="numpy") as f:
                 meta = f.metadata() or {}
                 keys = f.get_tensor("keys")
                 rows = {}
-                for r, k in enumerate(keys.numpy()):
+                for r, k in enumerate(keys):
                     kb = k.tobytes()
                     if kb in want:
                         rows[kb] = r
@@ -300,7 +312,7 @@ class EmbeddingCache:
             return None
         if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
             raise ValueError(f"{len(texts)} texts but embeddings of shape {tuple(embeddings.shape)}")
-        emb = embeddings.detach().to("cpu", _DTYPES[self.dtype]).contiguous()
+        emb = embeddings.detach().to("cpu", getattr(torch, self.dtype)).contiguous()
         finite = torch.isfinite(emb).all(dim=1)
         if not bool(finite.all()):
             bad = [texts[i] for i in torch.nonzero(~finite).flatten().tolist()]

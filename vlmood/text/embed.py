@@ -4,9 +4,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable, Sequence, Union
 
-import torch
-import torch.nn.functional as F
+import numpy as np
+
 from .._io import printable
+from .._lazy import F, torch
 from .._progress import progress as _progress
 from .._paths import cache_root
 from ..errors import InvalidInputError, NonFiniteEmbeddingError
@@ -164,13 +165,20 @@ def embed_texts(
     that they are cached.
     Raises :class:`NonFiniteEmbeddingError` naming the prompts whose embedding is NaN/Inf (never cached).
     """
+    return torch.from_numpy(_embed_array(encoder, texts, batch_size, cache, progress, what=what))
+
+
+def _embed_array(encoder: "Encoder", texts: Sequence[str], batch_size: int | None, cache: CacheArg,
+                 progress: bool | None, *, what: str) -> np.ndarray:
+    """:func:`embed_texts` as a float32 numpy array ``[M, D]``; when every prompt is cached, torch is not needed
+    (nor imported)."""
     texts = as_texts(texts)
     uniq = list(dict.fromkeys(texts))
     store = _resolve_cache(cache)
     ns = cache_namespace(encoder) if store is not None else ""
-    hits = store.get(ns, uniq) if store is not None else {}
+    hits = store.get_arrays(ns, uniq) if store is not None else {}
     missing = [i for i in range(len(uniq)) if i not in hits]
-    vecs = torch.empty(len(uniq), encoder.embed_dim)
+    vecs = np.empty((len(uniq), encoder.embed_dim), dtype=np.float32)
     for i, v in hits.items():
         vecs[i] = v
     if missing:
@@ -196,7 +204,7 @@ def embed_texts(
         except _Signalled as s:
             _signals._die_of(s.signum)
         _check_finite(todo, new)
-        vecs[missing] = new
+        vecs[missing] = new.numpy()
     pos = {t: i for i, t in enumerate(uniq)}
     return vecs[[pos[t] for t in texts]]
 
@@ -218,9 +226,28 @@ def class_embeddings(
     ``what`` names the classes in the progress start line (e.g. ``"lexicon words"``: ``encoding 70,794 lexicon
     words with ...``; with several templates, ``encoding 212,382 prompts (70,794 lexicon words x 3 templates)``).
     """
+    return torch.from_numpy(class_embedding_array(encoder, classes, templates, cache, batch_size, progress, check,
+                                                  what=what))
+
+
+def class_embedding_array(
+    encoder: "Encoder",
+    classes: str | Sequence[str],
+    templates: str | Sequence[str] | None = None,
+    cache: CacheArg = True,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    check: bool = True,
+    *,
+    what: str = "class names",
+) -> np.ndarray:
+    """:func:`class_embeddings` as a float32 numpy array ``[C, D]`` (what detectors hold). The ensemble is computed in
+    numpy, so a run whose prompts are all cached needs no torch: each class's template embeddings are averaged (in
+    float64) and the mean divided by its norm (at least 1e-12, as ``torch.nn.functional.normalize``)."""
     names = load_classes(classes) if check else list(classes)
     tmpl = load_templates(templates)
     label = what if len(tmpl) == 1 else f"prompts ({len(names):,} {what} x {len(tmpl)} templates)"
-    emb = embed_texts(encoder, class_prompts(names, tmpl), batch_size=batch_size, cache=cache, progress=progress,
-                      what=label)
-    return F.normalize(emb.view(len(names), len(tmpl), -1).mean(dim=1), dim=-1)
+    emb = _embed_array(encoder, class_prompts(names, tmpl), batch_size, cache, progress, what=label)
+    mean = emb.reshape(len(names), len(tmpl), -1).astype(np.float64).mean(axis=1)
+    norm = np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+    return (mean / norm).astype(np.float32)
