@@ -213,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --prompts: score only the learned variants, not the zero-shot methods")
     v.add_argument("--report", required=True, metavar="DIR", help="output folder")
     v.add_argument("--no-plots", action="store_true",
-                   help="write the tables and per-image scores only, not the figures (rendering them takes about "
-                        "half a second each); figures an earlier run left in --report are named as stale")
+                   help="write the tables and per-image scores only, not the figures (drawing them takes about "
+                        "half a second each; without this option, figures already in --report that show this very "
+                        "report are kept, not drawn again); figures an earlier run left in --report are named as "
+                        "stale")
     v.add_argument("--save-detectors", metavar="DIR",
                    help="also save every evaluated detector, calibrated at 95%% TPR on the ID set, as "
                         "DIR/METHOD.vlmood (for `vlmood score --detector`)")
