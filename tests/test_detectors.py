@@ -125,6 +125,25 @@ def test_non_finite_feature_rows_are_ood(tiny, images, method):
     assert 0 < pred.is_ood[ok].sum() < ok.sum()  # a real mix of decisions around the threshold
 
 
+@pytest.mark.parametrize("method", ["mcm", "glmcm", "energy", "maxlogit"])
+def test_infinite_features_score_nan_quietly_from_tensors_or_arrays(tiny, images, method):
+    """Rows holding +Inf and -Inf (the products then hold NaN): NaN scores (OOD), no numpy warning, and the same
+    scores from tensors as from arrays (the detectors compute in numpy either way)."""
+    import warnings
+
+    det = make_detector(method, tiny, CLASSES)
+    feats = _features(tiny, images)
+    feats.features[1, :2] = torch.tensor([float("inf"), -float("inf")])
+    feats.local[3, 0, :2] = torch.tensor([float("inf"), -float("inf")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = det.score_features(feats)
+        arrays = det.score_features(feats.features.numpy(), feats.local.numpy())
+    bad = [1, 3] if method == "glmcm" else [1]
+    assert np.isnan(out[bad]).all() and np.isfinite(np.delete(out, bad)).all()
+    np.testing.assert_array_equal(out, arrays)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "high"])
 def test_threshold_must_be_finite(tiny, images, bad):
     """threshold=nan flagged nothing as OOD (every 'score < nan' is False); now a one-line error before any work."""

@@ -322,3 +322,18 @@ def test_save_keeps_figures_that_show_the_same_report_and_redraws_the_rest(repor
     drawn.clear()
     changed.save(tmp_path)
     assert len(drawn) == 5
+
+
+def test_figure_key_follows_the_matplotlib_style(report, tmp_path, monkeypatch):
+    import matplotlib
+
+    key = report.figure_key()
+    with matplotlib.rc_context({"lines.linewidth": 7.0}):  # a style changed in this session
+        assert report.figure_key() != key
+    assert report.figure_key() == key
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "matplotlibrc").write_text("lines.linewidth: 5\n")  # a matplotlibrc that a new process would read
+    assert report.figure_key() != key
+    (tmp_path / "matplotlibrc").unlink()
+    matplotlib.use(matplotlib.get_backend())  # the backend is not style: unchanged key
+    assert report.figure_key() == key

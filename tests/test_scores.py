@@ -86,3 +86,29 @@ def test_nan_similarities_give_nan_scores(sims):
                      (scores.neglabel(bad, bad, ngroups=1), scores.neglabel(sims, sims, ngroups=1))]:
         assert np.isnan(got[3]) and np.isfinite(np.delete(got, 3)).all()
         np.testing.assert_array_equal(np.delete(got, 3), np.delete(ref, 3))
+
+
+def test_clipn_kernels_stay_probabilities_at_any_scale():
+    y = np.full((2, 7), 1e32)
+    y[1, 3] = 2e32
+    n = np.zeros((2, 7))
+    for f in (scores.atd, scores.ctw):
+        out = f(y, n)
+        assert np.all((out >= 0) & (out <= 1)), (f.__name__, out)
+    np.testing.assert_allclose(scores.atd(y, n), [1.0, 1.0])
+
+
+def test_non_finite_rows_score_nan_without_numpy_warnings():
+    import warnings
+
+    rng = np.random.default_rng(1)
+    s = rng.uniform(-0.2, 0.4, size=(4, 5))
+    s[1, 2] = np.nan
+    s[2, :] = -np.inf
+    s[3, 0] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = {f.__name__: f(s) for f in (scores.mcm, scores.max_logit, scores.energy)}
+    ref = {"mcm": scores.mcm(torch.tensor(s[[0]]))[0]}
+    assert out["mcm"][0] == ref["mcm"] and np.isnan(out["mcm"][1]) and np.isnan(out["energy"][1])
+    assert out["energy"][2] == -np.inf and out["max_logit"][3] == np.inf  # as torch.logsumexp and max give them

@@ -589,7 +589,7 @@ def test_no_gpu_possible_reads_the_device_nodes(monkeypatch):
 
     monkeypatch.setattr(base.sys, "platform", "linux")
     for nodes, want in ((["null", "tty", "sda"], True), (["null", "nvidiactl", "nvidia0"], False), (["kfd"], False),
-                        (["dxg"], False)):
+                        (["dxg"], False), (["nvhost-ctrl", "nvmap"], False), (["nvgpu"], False)):
         monkeypatch.setattr(base.os, "listdir", lambda _p, n=nodes: n)
         assert base.no_gpu_possible() is want, nodes
     monkeypatch.setattr(base.sys, "platform", "win32")
@@ -597,5 +597,33 @@ def test_no_gpu_possible_reads_the_device_nodes(monkeypatch):
     monkeypatch.setattr(base.sys, "platform", "darwin")
     assert base.no_gpu_possible() is True
     assert base.device_type_without_torch("cpu") == "cpu"
+    assert base.device_type_without_torch(" cpu") is None  # torch.device refuses it: resolved (and refused) there
     assert base.device_type_without_torch("cuda") is None
     assert base.device_type_without_torch(None) is None  # torch is loaded in this process: ask it
+
+
+def test_a_deferred_encoder_that_chose_the_cpu_without_torch_is_built_on_the_cpu(ckpt, monkeypatch, loads):
+    """Told "no GPU" from the device nodes (which may be wrong: nodes can appear at the first CUDA start), the proxy
+    keys its caches for the CPU at fp32, and is built on the CPU at fp32 even if torch would now pick CUDA."""
+    import torch
+
+    from vlmood.encoders import deferred
+
+    load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    monkeypatch.setattr(deferred, "device_type_without_torch", lambda d: "cpu" if d is None else None)
+    enc = load_encoder(spec_of(ckpt), defer=True)
+    assert isinstance(enc, DeferredEncoder) and enc.precision == "fp32" and enc.device_name == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch would choose CUDA (bf16) for device=None
+    real = enc.materialize()
+    assert real.device.type == "cpu" and real.precision == "fp32" and str(enc.device) == "cpu"
+    assert enc.cache_precision == "fp32"
+
+
+def test_is_tensor_while_torch_is_half_imported(monkeypatch):
+    import types
+
+    from vlmood import _lazy
+
+    half = types.ModuleType("torch")  # what another thread's unfinished import leaves in sys.modules
+    monkeypatch.setitem(sys.modules, "torch", half)
+    assert _lazy.is_tensor(np.zeros(2)) is False

@@ -23,10 +23,9 @@ class _LazyModule:
         self._name = name
 
     def __getattr__(self, attr: str) -> Any:
-        module = sys.modules.get(self._name)
-        if module is None:
-            module = importlib.import_module(self._name)
-        return getattr(module, attr)
+        # import_module, not sys.modules: while another thread is still importing the module, it waits for the
+        # import to finish instead of handing out a partly initialised module
+        return getattr(importlib.import_module(self._name), attr)
 
     def __repr__(self) -> str:
         return f"<lazy module {self._name!r}{' (imported)' if self._name in sys.modules else ''}>"
@@ -43,8 +42,8 @@ def loaded() -> bool:
 
 def is_tensor(x: Any) -> bool:
     """``isinstance(x, torch.Tensor)``, without importing torch (when it is not loaded, ``x`` cannot be one)."""
-    t = sys.modules.get("torch")
-    return t is not None and isinstance(x, t.Tensor)
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # None too while torch is still being imported
+    return tensor is not None and isinstance(x, tensor)
 
 
 def as_array(x: Any, dtype: Any = None) -> Any:

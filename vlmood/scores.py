@@ -193,6 +193,6 @@ def atd(logits_yes: Any, logits_no: Any) -> np.ndarray:
     ``[N]`` in [0, 1], higher = ID. A row with any NaN logit scores NaN."""
     y, n = _yes_no(logits_yes, logits_no)
     with np.errstate(invalid="ignore", over="ignore"):
-        soft = np.exp(y - logsumexp(y, axis=-1, keepdims=True))
-        out = (soft * sigmoid(y - n)).sum(axis=-1)
+        e = np.exp(y - np.max(y, axis=-1, keepdims=True))  # softmax as exp(y - max) / sum: in [0, 1] at any scale
+        out = (e / e.sum(axis=-1, keepdims=True) * sigmoid(y - n)).sum(axis=-1)
     return _nan_rows(out, y, n)

@@ -292,7 +292,8 @@ class Detector:
         embeddings, on the CPU (what the scores are computed from, whatever the features came as)."""
         f = _as_float_array(features)
         self._check_width(f.shape[-1] if f.ndim else 0, "image features")
-        return f @ self._text_array().T
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows give NaN, then NaN scores (OOD)
+            return f @ self._text_array().T
 
     def global_features(self, image_features: Any) -> torch.Tensor:
         """Global features ``[N, D]`` (array, tensor or ``Features``) as float32, checked against the text side."""

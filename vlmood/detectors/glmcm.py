@@ -41,10 +41,11 @@ class GLMCM(Detector):
             raise InvalidInputError(f"local_features must be [N={sims.shape[0]}, P, D], got {tuple(loc.shape)}")
         self._check_width(loc.shape[2], "local (per-patch) features")
         text = self._text_array().T
-        chunks = [  # chunked so [N, P, C] similarities never exist in full
-            scores.glmcm(sims[i : i + 256], loc[i : i + 256] @ text, self.temperature, self.lam)
-            for i in range(0, loc.shape[0], 256)
-        ]
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite patches: NaN, then a NaN score (OOD)
+            chunks = [  # chunked so [N, P, C] similarities never exist in full
+                scores.glmcm(sims[i : i + 256], loc[i : i + 256] @ text, self.temperature, self.lam)
+                for i in range(0, loc.shape[0], 256)
+            ]
         return np.concatenate(chunks) if chunks else np.empty(0)
 
     def local_reducer(self):
@@ -63,7 +64,8 @@ class GLMCM(Detector):
                 raise InvalidInputError(f"local_features must be [B, P, D], got {tuple(loc.shape)}")
             self._check_width(loc.shape[2], "local (per-patch) features")
             # numpy's stacked product, as _score computes it: the same values from a batch or the whole set
-            out = scores.local_mcm(loc @ text_array.T, temperature)
+            with np.errstate(invalid="ignore", over="ignore"):
+                out = scores.local_mcm(loc @ text_array.T, temperature)
             out[~np.isfinite(loc.reshape(loc.shape[0], -1)).all(axis=1)] = np.nan
             return out
 

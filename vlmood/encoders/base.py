@@ -108,9 +108,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def no_gpu_possible() -> bool:
-    """True when ``torch.cuda.is_available()`` is certainly False, decided without importing torch: macOS (no CUDA
-    builds), or Linux without the device nodes a CUDA (``/dev/nvidiactl``, ``/dev/nvidia0``...), ROCm (``/dev/kfd``)
-    or WSL (``/dev/dxg``) GPU needs. Anywhere else (Windows...) it cannot be known without torch: False."""
+    """Whether this machine shows no sign of a GPU, decided without importing torch: macOS (no CUDA builds), or Linux
+    without any device node of an NVIDIA (``/dev/nvidia*``), Tegra/Jetson (``/dev/nvhost*``, ``/dev/nvmap``,
+    ``/dev/nvgpu``), ROCm (``/dev/kfd``) or WSL (``/dev/dxg``) GPU. Anywhere else (Windows...) it cannot be told
+    without torch: False. Nodes may appear only when a first CUDA program starts (``nvidia-modprobe``), so a deferred
+    encoder that relied on this pins the CPU for its build rather than trusting it (see
+    :class:`~vlmood.encoders.deferred.DeferredEncoder`)."""
     if sys.platform == "darwin":
         return True
     if not sys.platform.startswith("linux"):
@@ -119,14 +122,14 @@ def no_gpu_possible() -> bool:
         nodes = os.listdir("/dev")
     except OSError:
         return False
-    return not any(n.startswith("nvidia") or n in ("kfd", "dxg") for n in nodes)
+    return not any(n.startswith(("nvidia", "nvhost", "nvmap", "nvgpu")) or n in ("kfd", "dxg") for n in nodes)
 
 
 def device_type_without_torch(device: Any) -> str | None:
-    """``"cpu"`` when ``device`` certainly resolves to the CPU (:func:`resolve_device`) and that can be told without
-    importing torch: ``"cpu"`` itself, or None (the default) where no GPU can exist (:func:`no_gpu_possible`) and
-    torch is not loaded yet; else None (resolve it with torch)."""
-    if isinstance(device, str) and device.strip() == "cpu":
+    """``"cpu"`` when ``device`` is to be the CPU and that can be told without importing torch: ``"cpu"`` itself, or
+    None (the default) where this machine shows no sign of a GPU (:func:`no_gpu_possible`) and torch is not loaded
+    yet; else None (resolve it with torch)."""
+    if isinstance(device, str) and device == "cpu":
         return "cpu"
     if device is None and "torch" not in sys.modules and no_gpu_possible():
         return "cpu"

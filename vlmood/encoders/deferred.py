@@ -37,11 +37,14 @@ class DeferredEncoder(Encoder):
         object.__setattr__(self, "_real", None)
         self._tokenizer = None
         self.spec = spec
-        # the CPU is told without importing torch where no GPU can exist (a warm run then never imports it)
+        # the CPU is told without importing torch where the machine shows no GPU (a warm run then never imports it);
+        # the real encoder is then built on the CPU too, whatever torch would pick: the precision and the cache keys
+        # used before the build are the CPU's
         self._device_type = device_type_without_torch(device)
         self._device = None if self._device_type is not None else resolve_device(device)
         self.precision = resolve_precision(precision, self._device_type or self._device)
-        self._device_arg, self._precision_arg = device, precision
+        self._device_arg = "cpu" if self._device_type == "cpu" else device
+        self._precision_arg = precision
         self._fingerprint = rec["fingerprint"]
         self._card = rec["card"]
         self.image_batch_size = int(self._card["image_batch_size"])
@@ -137,6 +140,9 @@ class DeferredEncoder(Encoder):
             # precision's warning was given when this proxy was made
             warnings.filterwarnings("ignore", message=r"(bf16|fp16) on CPU", category=UserWarning)
             real = load_encoder(self.spec, device=self._device_arg, precision=self._precision_arg)
+        if real.precision != self.precision:  # never: the build gets the device the precision was resolved for
+            raise EncoderLoadError(f"{self.spec} was built at {real.precision}, but this run keyed its caches for "
+                                   f"{self.precision}; pass --device/--precision (device=, precision=) explicitly")
         if real.fingerprint != self._fingerprint:
             _record.forget(self.spec)
             raise EncoderLoadError(

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +117,53 @@ def thresholds_of(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, float |
         a = a[np.isfinite(a)]
         out[m] = threshold_at_tpr(a, TPR) if a.size else None
     return out
+
+
+_SOURCE_HASH: list[str] = []
+
+
+def _source_hash() -> str:
+    """A hash of the source of every vlmood module (read once per process): a figure drawn by other code (an edited
+    checkout at the same version) is drawn again."""
+    if not _SOURCE_HASH:
+        root = Path(__file__).resolve().parents[1]
+        h = hashlib.sha256()
+        try:
+            for path in sorted(root.rglob("*.py")):
+                h.update(str(path.relative_to(root)).encode("utf-8", "surrogateescape") + b"\0")
+                h.update(path.read_bytes())
+        except OSError as e:  # pragma: no cover - an unreadable install: never matches, figures always drawn
+            h.update(os.urandom(16) + repr(e).encode())
+        _SOURCE_HASH.append(h.hexdigest())
+    return _SOURCE_HASH[0]
+
+
+_NOT_STYLE = ("backend", "backend_fallback", "interactive", "webagg.", "savefig.directory", "figure.max_open_warning")
+
+
+def _style_key() -> str:
+    """matplotlib's style as far as it can change between two saves: the ``matplotlibrc`` files it reads (read
+    without importing matplotlib) and, when it is imported, the ``rcParams`` changed since it read them."""
+    parts = []
+    env = os.environ.get("MATPLOTLIBRC")
+    config = os.environ.get("MPLCONFIGDIR") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "matplotlib")
+    for path in ([env, os.path.join(env, "matplotlibrc")] if env else []) + [
+            "matplotlibrc", os.path.join(config, "matplotlibrc")]:
+        try:
+            with open(path, "rb") as f:
+                parts.append(f"{path}\0".encode("utf-8", "surrogateescape") + f.read())
+        except OSError:  # absent (or a folder): not read by matplotlib either
+            continue
+    mpl = sys.modules.get("matplotlib")
+    rc, orig = getattr(mpl, "rcParams", None), getattr(mpl, "rcParamsOrig", None)
+    if isinstance(rc, dict) and isinstance(orig, dict):
+        # dict's own methods: the stored values, without RcParams.__getitem__ (which resolves the backend, and may
+        # import pyplot, for "backend")
+        changed = sorted((k, repr(v)) for k, v in dict.items(rc)
+                         if not k.startswith(_NOT_STYLE) and repr(dict.get(orig, k)) != repr(v))
+        parts.append(repr(changed).encode())
+    return repr([hashlib.sha256(x).hexdigest()[:16] for x in parts])
 
 
 class Recomputed(NamedTuple):
@@ -444,11 +493,12 @@ class Report:
         return makers
 
     def figure_key(self) -> str:
-        """A hash of everything the report figures show and of the code and libraries that draw them: the name, the
-        OOD groups, every method's scores per set (in order), the metric rows and the thresholds, vlmood's version,
-        the source of the plotting and report modules, and the matplotlib and Pillow versions. :meth:`save` writes
-        it into each figure's PNG (text chunk ``vlmood-figure``) and redraws only figures whose key differs."""
-        import hashlib
+        """A hash of everything the report figures show and of what draws them: the name, the OOD groups, every
+        method's scores per set (in order), the metric rows and the thresholds; vlmood's version and the source of
+        every one of its modules; the matplotlib and Pillow versions; matplotlib's style: the ``matplotlibrc`` files
+        it reads (``$MATPLOTLIBRC``, ``./matplotlibrc``, the user's config folder) and, when matplotlib is imported,
+        every ``rcParams`` entry changed in this session (``matplotlib.style.use``...). :meth:`save` writes it into
+        each figure's PNG (text chunk ``vlmood-figure``) and redraws only figures whose key differs."""
         from importlib import metadata
 
         from .. import __version__
@@ -470,11 +520,8 @@ class Report:
                 add(f"{n!r}|{arr.shape}")
                 h.update(arr.tobytes())
         add(__version__)
-        for mod in ("plots.py", "report.py"):
-            try:
-                h.update((Path(__file__).resolve().parent / mod).read_bytes())
-            except OSError:  # pragma: no cover - a zipped install: the version alone
-                add(mod)
+        add(_source_hash())
+        add(_style_key())
         for dist in ("matplotlib", "pillow"):
             try:
                 add(f"{dist}={metadata.version(dist)}")
