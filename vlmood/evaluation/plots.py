@@ -152,8 +152,11 @@ def histograms(report: Report, method: str) -> ReportFigure:
         if both.size:
             lo, hi = float(both.min()), float(both.max())
             bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
-            ax.hist(s["ID"], bins=bins, alpha=0.6, density=True, label=_plain(f"ID ({len(s['ID'])})"))
-            ax.hist(s[name], bins=bins, alpha=0.6, density=True, label=_plain(f"{name} ({len(s[name])})"))
+            # one filled step outline per histogram (not 40 bars): the same area, drawn in about half the time
+            ax.hist(s["ID"], bins=bins, alpha=0.6, density=True, histtype="stepfilled",
+                    label=_plain(f"ID ({len(s['ID'])})"))
+            ax.hist(s[name], bins=bins, alpha=0.6, density=True, histtype="stepfilled",
+                    label=_plain(f"{name} ({len(s[name])})"))
         if thr is not None:
             ax.axvline(thr, color="black", ls="--", lw=1, label=f"threshold @{100 * TPR:.0f}% TPR = {thr:.4g}")
         ax.set_title(_plain(f"{name}: AUROC {100 * report.metric(method, name, 'auroc'):.1f}"))
