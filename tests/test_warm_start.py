@@ -627,3 +627,29 @@ def test_is_tensor_while_torch_is_half_imported(monkeypatch):
     half = types.ModuleType("torch")  # what another thread's unfinished import leaves in sys.modules
     monkeypatch.setitem(sys.modules, "torch", half)
     assert _lazy.is_tensor(np.zeros(2)) is False
+
+
+def test_warm_calibrate_and_score_with_a_detector_file_import_no_torch(tmp_path):
+    """The deploy commands on cached images: the detector file is written and read as numpy arrays (the same file
+    format), and scoring from it answers without torch, with the scores of the run that computed everything."""
+    make_images(tmp_path / "id" / "cat", 3, 1)
+    make_images(tmp_path / "id" / "dog", 3, 2)
+    make_images(tmp_path / "new", 4, 3)
+    cache = str(tmp_path / "cache")
+    cal = ["calibrate", "--model", f"open_clip:{TINY_ARCH}/none:seed=3", "--classes", "cat,dog", "--method", "mcm",
+           "--id", str(tmp_path / "id"), "--workers", "0", "--device", "cpu"]
+    assert run_cli(cal + ["--out", str(tmp_path / "a.vlmood")], cache).startswith("TORCH True")
+    assert run_cli(cal + ["--out", str(tmp_path / "b.vlmood")], cache) == "TORCH False MATPLOTLIB False"
+    from vlmood.detectors import read_detector_meta
+
+    a = read_detector_meta(tmp_path / "a.vlmood")
+    b = read_detector_meta(tmp_path / "b.vlmood")
+    assert {**a, "created": None} == {**b, "created": None} and a["threshold"] is not None
+    score = ["score", "--detector", str(tmp_path / "b.vlmood"), "--images", str(tmp_path / "new"), "--workers", "0",
+             "--device", "cpu"]
+    assert run_cli(score + ["--out", str(tmp_path / "s1.csv")], cache).startswith("TORCH True")  # new images
+    assert run_cli(score + ["--out", str(tmp_path / "s2.csv")], cache) == "TORCH False MATPLOTLIB False"
+    assert (tmp_path / "s1.csv").read_text() == (tmp_path / "s2.csv").read_text()
+    det = vlmood.load_detector(tmp_path / "a.vlmood", device="cpu")  # the numpy-written file, loaded in-process
+    ref = vlmood.load_detector(tmp_path / "b.vlmood", device="cpu")
+    assert np.array_equal(det.text_features.numpy(), ref.text_features.numpy())

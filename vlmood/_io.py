@@ -76,10 +76,19 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     """Write ``tensors`` (and string ``metadata``) as a safetensors file, atomically: a temporary file in the same
     folder, then a rename; on any failure (a full disk, an interrupt) the temporary file is removed and ``path`` is
     unchanged. The file gets the usual permissions (``0666`` less the umask): ``safetensors``' own ``save_file``
-    creates owner-only (``0600``) files. Raises ``OSError`` (and ``safetensors``' errors for bad tensors).
+    creates owner-only (``0600``) files. Raises ``OSError`` (and ``safetensors``' errors for bad tensors). Values may
+    be torch tensors or, all of them, numpy arrays (written without torch; the file is the same).
     """
-    from safetensors.torch import save
+    import numpy as np
 
     path = Path(path)
+    if tensors and all(isinstance(v, np.ndarray) for v in tensors.values()):
+        from safetensors.numpy import save as save_numpy
+
+        atomic_write_bytes(path, save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                            metadata=metadata))
+        return path
+    from safetensors.torch import save
+
     atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
     return path

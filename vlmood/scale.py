@@ -415,7 +415,7 @@ def _driver_encoder(encoder_spec: Any, device: Any, precision: str | None, gpus:
     """The encoder the driver fits the detectors with, and the spec the workers load (one that loads anywhere)."""
     import torch
 
-    from .clipn.model import portable_spec
+    from .encoders.registry import portable_spec
     from .detectors.persist import _usable_precision
     from .encoders import load_encoder
     from .encoders.base import PRECISIONS

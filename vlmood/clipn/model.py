@@ -36,6 +36,7 @@ import torch
 
 from .._io import printable
 from ..encoders.base import hash_state_dict
+from ..encoders.registry import portable_spec  # noqa: F401  (its home before; importable here still)
 from ..encoders.open_clip_backend import CLIPN_NO_KEYS, is_clipn_no_key
 from ..encoders.text_forward import (encode_text_embeddings, eot_positions, require_prompt_learning,
                                      text_tower)
@@ -300,26 +301,6 @@ class CLIPNModel:
                                  f"CLIPN no side of {encoder.spec}")
         return cls(encoder, no, meta=meta)
 
-
-def portable_spec(encoder: "Encoder") -> str:
-    """How a file should record ``encoder`` so that it loads elsewhere: the name of a registered model whose spec is
-    the encoder's (``toyworld`` rather than the absolute path of the installed weights), else the spec with an
-    absolute checkpoint path (a relative one would depend on the working folder)."""
-    from ..encoders import registry
-
-    spec = encoder.spec
-    for name in registry.model_names():
-        try:
-            if registry.resolve_model(name) == spec:
-                return name
-        except Exception:  # a user's resolver failing is not this file's problem
-            continue
-    if getattr(spec, "checkpoint", None) is not None and not Path(spec.checkpoint).is_absolute():
-        return str(type(spec)(spec.backend, spec.name, spec.pretrained, Path(spec.checkpoint).resolve(), spec.seed))
-    if spec.backend == "hf" and not Path(spec.name).is_absolute() and Path(spec.name).is_dir():  # a local folder
-        return str(type(spec)(spec.backend, str(Path(spec.name).resolve()), spec.pretrained, spec.checkpoint,
-                              spec.seed))
-    return str(spec)
 
 
 def _vlmood_meta(path: Path) -> dict[str, Any] | None:

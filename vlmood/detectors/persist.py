@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._io import printable
-from .._lazy import torch
+from .._lazy import as_array, torch
 from ..errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def save_detector(det: Any, path: str | os.PathLike) -> Path:
         "method": method, "params": det.get_params(), "classes": list(det.classes), "templates": [],
         "neg_templates": None, "negatives": None, "encoder": None, "threshold": threshold,
         "tpr": None if det.tpr_ is None else float(det.tpr_), "prompts": None, "clipn": None, "lvlm": None}
-    arrays: dict[str, torch.Tensor] = {}
+    arrays: dict[str, Any] = {}
     if method == "lvlm":
         from ..lvlm.detector import client_config
 
@@ -156,7 +156,8 @@ def save_detector(det: Any, path: str | os.PathLike) -> Path:
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors({k: v.detach().float().cpu().clone() for k, v in arrays.items()}, path,
+        # float32 numpy arrays (the bytes torch would write): a detector of cached text is saved without torch
+        save_safetensors({k: np.array(as_array(v, np.float32)) for k, v in arrays.items()}, path,
                          metadata={"format": FORMAT, "version": str(VERSION), "meta": text})
     except (OSError, SafetensorError) as e:
         why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -164,9 +165,9 @@ def save_detector(det: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def _describe(det: Any, meta: dict[str, Any], arrays: dict[str, torch.Tensor]) -> None:
+def _describe(det: Any, meta: dict[str, Any], arrays: dict[str, Any]) -> None:
     """The encoder record, text side and method-specific fields of a CLIP-based detector."""
-    from ..clipn.model import portable_spec
+    from ..encoders.registry import portable_spec
     from .clipn import CLIPN
     from .neglabel import NegLabel
 
@@ -174,7 +175,7 @@ def _describe(det: Any, meta: dict[str, Any], arrays: dict[str, torch.Tensor]) -
     enc = det.encoder
     meta["encoder"] = {"spec": portable_spec(enc), "fingerprint": enc.fingerprint, "precision": enc.precision}
     meta["templates"] = list(det.templates)
-    arrays["text"] = det.text_features
+    arrays["text"] = det._text_array()
     if det.prompts is not None:
         p = det.prompts
         meta["prompts"] = {**p.meta, "classes": p.classes, "n_ctx": p.n_ctx, "csc": p.csc, "position": p.position}
@@ -245,7 +246,7 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(p), framework="pt") as f:
+        with safe_open(str(p), framework="numpy") as f:  # the header only: no torch needed
             header = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
@@ -487,9 +488,9 @@ def load_detector(path: str | os.PathLike, encoder: "Encoder | None" = None, *, 
         elif meta["threshold"] is not None and rec["precision"] and encoder.precision != rec["precision"]:
             warnings.warn(f"{name} was calibrated at {rec['precision']} and is scored at {encoder.precision}: scores "
                           "shift slightly, so the kept ID fraction may differ a little from its TPR", stacklevel=2)
-        from safetensors.torch import load_file
+        from safetensors.numpy import load_file
 
-        arrays = load_file(str(p))
+        arrays = load_file(str(p))  # numpy: torch only for what needs it (learned prompts, negatives, CLIPN)
         overrides = dict(_overrides or {})
         use_arrays = same and not set(overrides) & set(_ARRAYS_USED_UNLESS)
         det = _build_clip(cls, meta, arrays, encoder, cache, name, overrides, use_arrays)
@@ -502,6 +503,10 @@ def _usable_precision(precision: str | None, device: Any) -> str | None:
     slow: None, the CPU's fp32, and load_detector warns that the scores shift slightly)."""
     if precision in (None, "fp32"):
         return precision
+    from ..encoders.base import device_type_without_torch
+
+    if device is None and device_type_without_torch(None) == "cpu":  # no GPU on this machine: told without torch
+        return None
     want = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     return precision if want.startswith("cuda") else None
 
@@ -514,14 +519,14 @@ def _build(make: Any, name: str) -> Any:
         raise InvalidInputError(f"{name}: {e}") from None
 
 
-def _build_clip(cls: type, meta: dict[str, Any], arrays: dict[str, torch.Tensor], encoder: "Encoder", cache: Any,
+def _build_clip(cls: type, meta: dict[str, Any], arrays: dict[str, np.ndarray], encoder: "Encoder", cache: Any,
                 name: str, overrides: dict[str, Any], use_arrays: bool) -> Any:
     from .clipn import CLIPN
     from .neglabel import NegLabel
 
     kw: dict[str, Any] = {**meta["params"], "cache": overrides.pop("cache", cache)}
     if meta["prompts"] is not None:
-        kw["prompts"] = _prompts(meta["prompts"], arrays["prompts.ctx"], name)
+        kw["prompts"] = _prompts(meta["prompts"], torch.from_numpy(arrays["prompts.ctx"]), name)
     else:
         kw["templates"] = meta["templates"]
     if issubclass(cls, NegLabel):
@@ -544,11 +549,11 @@ def _build_clip(cls: type, meta: dict[str, Any], arrays: dict[str, torch.Tensor]
         if width != encoder.embed_dim:
             raise InvalidInputError(f"{name}: array 'text' has width {width} but {encoder.spec} embeds in "
                                     f"{encoder.embed_dim} dimensions")
-        det._text = np.ascontiguousarray(arrays["text"].float().numpy())
+        det._text = np.ascontiguousarray(arrays["text"], dtype=np.float32)
         if issubclass(cls, NegLabel):
-            det._neg = arrays["negatives"].float()
+            det._neg = torch.from_numpy(np.ascontiguousarray(arrays["negatives"], dtype=np.float32))
         if issubclass(cls, CLIPN):
-            det._text_no = arrays["text_no"].float()
+            det._text_no = torch.from_numpy(np.ascontiguousarray(arrays["text_no"], dtype=np.float32))
     return det
 
 
@@ -570,12 +575,12 @@ def _prompts(meta: dict[str, Any], ctx: torch.Tensor, name: str) -> Any:
         raise InvalidInputError(f"{name}: invalid field 'prompts': {e}") from None
 
 
-def _no_side(meta: dict[str, Any], arrays: dict[str, torch.Tensor], encoder: "Encoder", name: str) -> Any:
+def _no_side(meta: dict[str, Any], arrays: dict[str, np.ndarray], encoder: "Encoder", name: str) -> Any:
     """CLIPN's no side from the stored tensors, on ``encoder`` (CLIPNModel's own loader checks every key/shape)."""
     from ..clipn.model import CLIPNModel
     from ..errors import CheckpointMismatchError
 
-    sd = {k[len("clipn."):]: v for k, v in arrays.items() if k.startswith("clipn.")}
+    sd = {k[len("clipn."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("clipn.")}
     try:
         return CLIPNModel._from_no_state(encoder, sd, name, {k: v for k, v in meta.items() if k != "encoder"})
     except CheckpointMismatchError as e:

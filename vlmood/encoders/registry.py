@@ -12,12 +12,13 @@ the benchmark side (``vlmood.evaluation``, ``vlmood.detectors``); ``tests/test_l
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import InvalidInputError
 
 if TYPE_CHECKING:
-    from .base import EncoderSpec
+    from .base import Encoder, EncoderSpec
 
 SpecResolver = Callable[[], "EncoderSpec"]
 TokenizerFactory = Callable[["EncoderSpec"], Any]
@@ -85,3 +86,22 @@ def tokenizer_factory(arch: str) -> TokenizerFactory | None:
 def model_names() -> list[str]:
     """Every model name that :func:`resolve_model` knows (built-in and registered), sorted."""
     return sorted(set(_models) | set(BUILTIN_MODELS))
+
+
+def portable_spec(encoder: "Encoder") -> str:
+    """How a file should record ``encoder`` so that it loads elsewhere: the name of a registered model whose spec is
+    the encoder's (``toyworld`` rather than the absolute path of the installed weights), else the spec with an
+    absolute checkpoint path (a relative one would depend on the working folder)."""
+    spec = encoder.spec
+    for name in model_names():
+        try:
+            if resolve_model(name) == spec:
+                return name
+        except Exception:  # a user's resolver failing is not this file's problem
+            continue
+    if getattr(spec, "checkpoint", None) is not None and not Path(spec.checkpoint).is_absolute():
+        return str(type(spec)(spec.backend, spec.name, spec.pretrained, Path(spec.checkpoint).resolve(), spec.seed))
+    if spec.backend == "hf" and not Path(spec.name).is_absolute() and Path(spec.name).is_dir():  # a local folder
+        return str(type(spec)(spec.backend, str(Path(spec.name).resolve()), spec.pretrained, spec.checkpoint,
+                              spec.seed))
+    return str(spec)

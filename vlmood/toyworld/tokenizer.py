@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-import torch
+from .._lazy import torch
 
 _WORD = re.compile(r"[a-z]+")
 
