@@ -389,3 +389,25 @@ def test_calibrate_records_the_tpr(world):
     assert det.tpr_ is None
     scores = det.score(world["images"])
     assert det.calibrate(scores, tpr=0.5) == vlmood.metrics.threshold_at_tpr(scores, 0.5) and det.tpr_ == 0.5
+
+
+def test_numpy_written_files_equal_torch_written_ones_and_bf16_files_load(tiny, tmp_path):
+    """Detector files are written from numpy arrays: the bytes torch would write (0-d and empty dicts included);
+    a file whose arrays another tool stored as bfloat16 (numpy has none) still loads, widened."""
+    from safetensors.torch import save as save_torch
+
+    from vlmood._io import save_safetensors
+
+    cases = [{"s": np.array(2.5, np.float32), "m": np.arange(6, dtype=np.float32).reshape(2, 3)}, {}]
+    for i, arrays in enumerate(cases):
+        save_safetensors(arrays, tmp_path / f"n{i}.st", metadata={"a": "b"})
+        want = save_torch({k: torch.from_numpy(v) for k, v in arrays.items()}, metadata={"a": "b"})
+        assert (tmp_path / f"n{i}.st").read_bytes() == want
+    det = make_detector("mcm", tiny, CLASSES)
+    det.save(tmp_path / "d.vlmood")
+    with safe_open(str(tmp_path / "d.vlmood"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    (tmp_path / "bf16.vlmood").write_bytes(save_torch({k: v.bfloat16() for k, v in tensors.items()}, metadata=meta))
+    back = vlmood.load_detector(tmp_path / "bf16.vlmood", tiny)
+    np.testing.assert_allclose(back.text_features.numpy(), det.text_features.numpy(), atol=1e-2)
+    assert back.text_features.dtype == torch.float32

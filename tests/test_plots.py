@@ -339,3 +339,14 @@ def test_figure_key_follows_the_matplotlib_style(report, tmp_path, monkeypatch):
     (tmp_path / "matplotlibrc").unlink()
     matplotlib.use(matplotlib.get_backend())  # the backend is not style: unchanged key
     assert report.figure_key() == key
+
+
+def test_figure_key_is_the_same_with_or_without_matplotlib_imported(report, monkeypatch):
+    import sys
+
+    import matplotlib
+
+    assert dict.items(matplotlib.rcParams) is not None
+    with_mpl = report.figure_key()
+    monkeypatch.delitem(sys.modules, "matplotlib")  # as in a fresh process that never drew
+    assert report.figure_key() == with_mpl

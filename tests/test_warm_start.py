@@ -362,7 +362,9 @@ def test_import_vlmood_and_version_do_not_import_torch():
             "assert 'torch' not in sys.modules, 'version'\n"
             "assert vlmood.evaluation.list_suites and vlmood.toyworld and vlmood.encoders.load_encoder\n"
             "assert sorted(vlmood.__all__) == sorted(set(vlmood.__all__)) and 'MCM' in dir(vlmood)\n"
-            "import vlmood as v; v.MCM; assert 'torch' in sys.modules\n")
+            "import vlmood as v; v.MCM, v.Benchmark, v.extract_features, vlmood.cli.build_parser()\n"
+            "assert 'torch' not in sys.modules, 'detectors, features and the parser'\n"
+            "v.MCM.text_features.fget; import vlmood._lazy as lz; lz.torch.zeros; assert 'torch' in sys.modules\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == f"vlmood {vlmood.__version__}"
@@ -584,14 +586,31 @@ def test_a_fully_cached_eval_imports_neither_torch_nor_matplotlib_and_writes_the
     assert run_cli(args + ["--report", str(tmp_path / "r4"), "--no-plots"], cache) == "TORCH True MATPLOTLIB False"
 
 
-def test_no_gpu_possible_reads_the_device_nodes(monkeypatch):
+def test_no_gpu_possible_reads_the_device_nodes_and_the_pci_bus(monkeypatch, tmp_path):
     from vlmood.encoders import base
 
     monkeypatch.setattr(base.sys, "platform", "linux")
+    monkeypatch.setattr(base, "_PCI_DEVICES", str(tmp_path / "pci"))  # no PCI bus listed
     for nodes, want in ((["null", "tty", "sda"], True), (["null", "nvidiactl", "nvidia0"], False), (["kfd"], False),
                         (["dxg"], False), (["nvhost-ctrl", "nvmap"], False), (["nvgpu"], False)):
-        monkeypatch.setattr(base.os, "listdir", lambda _p, n=nodes: n)
+        monkeypatch.setattr(base.os, "listdir", lambda p, n=nodes, real=os.listdir: n if p == "/dev" else real(p))
         assert base.no_gpu_possible() is want, nodes
+    monkeypatch.setattr(base.os, "listdir", os.listdir)
+    for name, vendor, cls, want in (("0000:00:01.0", "0x8086", "0x030000", True),  # an Intel display: no CUDA
+                                    ("0000:00:02.0", "0x1af4", "0x020000", True),
+                                    ("0000:3b:00.0", "0x10de", "0x030200", False),  # an NVIDIA GPU, no nodes yet
+                                    ("0000:3c:00.0", "0x1002", "0x038000", False)):  # an AMD one
+        dev = tmp_path / "pci" / name
+        dev.mkdir(parents=True)
+        (dev / "vendor").write_text(vendor + "\n")
+        (dev / "class").write_text(cls + "\n")
+        monkeypatch.setattr(base.os, "listdir", lambda p, real=os.listdir: ["null"] if p == "/dev" else real(p))
+        assert base.no_gpu_possible() is want, name
+        if not want:
+            (dev / "vendor").unlink()
+            (dev / "class").unlink()
+            dev.rmdir()
+    monkeypatch.setattr(base.os, "listdir", os.listdir)
     monkeypatch.setattr(base.sys, "platform", "win32")
     assert base.no_gpu_possible() is False  # cannot be told without torch there
     monkeypatch.setattr(base.sys, "platform", "darwin")

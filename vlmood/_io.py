@@ -82,10 +82,11 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     import numpy as np
 
     path = Path(path)
-    if tensors and all(isinstance(v, np.ndarray) for v in tensors.values()):
+    if all(isinstance(v, np.ndarray) for v in tensors.values()):  # no tensors at all: the same file either way
         from safetensors.numpy import save as save_numpy
 
-        atomic_write_bytes(path, save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        # np.require keeps a 0-d array 0-d (ascontiguousarray would make it [1])
+        atomic_write_bytes(path, save_numpy({k: np.require(v, requirements="C") for k, v in tensors.items()},
                                             metadata=metadata))
         return path
     from safetensors.torch import save

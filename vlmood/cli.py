@@ -714,12 +714,16 @@ def _score_saved(args: argparse.Namespace) -> int:
     out = _check_output_file(args.out, "--out")
     _check_not_manifest(args.images, out)
     source = as_source(_source_arg(args, args.images))
-    precision = args.precision
+    precision, device = args.precision, args.device
+    if device is None and not args.no_cache:
+        from .encoders.base import device_type_without_torch
+
+        device = device_type_without_torch(None)  # "cpu" where no GPU is visible (as load_encoder(defer=True))
     if precision is None and args.model is None:  # the recorded model at the precision its threshold was set at
         from .detectors.persist import _usable_precision
 
-        precision = _usable_precision(recorded.get("precision"), args.device)
-    encoder = load_encoder(spec, device=args.device, precision=precision, defer=not args.no_cache)
+        precision = _usable_precision(recorded.get("precision"), device)
+    encoder = load_encoder(spec, device=device, precision=precision, defer=not args.no_cache)
     det = load_detector(args.detector, encoder)  # another model's fingerprint: warns, drops the threshold
     if det.needs_local:
         encoder.require_local()

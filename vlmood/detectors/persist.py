@@ -488,9 +488,7 @@ def load_detector(path: str | os.PathLike, encoder: "Encoder | None" = None, *, 
         elif meta["threshold"] is not None and rec["precision"] and encoder.precision != rec["precision"]:
             warnings.warn(f"{name} was calibrated at {rec['precision']} and is scored at {encoder.precision}: scores "
                           "shift slightly, so the kept ID fraction may differ a little from its TPR", stacklevel=2)
-        from safetensors.numpy import load_file
-
-        arrays = load_file(str(p))  # numpy: torch only for what needs it (learned prompts, negatives, CLIPN)
+        arrays = _load_arrays(p)
         overrides = dict(_overrides or {})
         use_arrays = same and not set(overrides) & set(_ARRAYS_USED_UNLESS)
         det = _build_clip(cls, meta, arrays, encoder, cache, name, overrides, use_arrays)
@@ -498,15 +496,27 @@ def load_detector(path: str | os.PathLike, encoder: "Encoder | None" = None, *, 
     return det
 
 
+def _load_arrays(p: Path) -> dict[str, np.ndarray]:
+    """The file's arrays as float32 numpy arrays, read without torch (torch only widens bfloat16 ones, which numpy
+    cannot hold; vlmood writes float32)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    with safe_open(str(p), framework="numpy") as f:
+        bf16 = [k for k in f.keys() if str(f.get_slice(k).get_dtype()) == "BF16"]
+    arrays = load_file(str(p)) if not bf16 else {}
+    if bf16:
+        from safetensors.torch import load_file as load_torch
+
+        arrays = {k: v.float().numpy() for k, v in load_torch(str(p)).items()}
+    return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+
+
 def _usable_precision(precision: str | None, device: Any) -> str | None:
     """The recorded precision to load with: fp32 anywhere; bf16/fp16 on CUDA only (on a CPU they are emulated and
     slow: None, the CPU's fp32, and load_detector warns that the scores shift slightly)."""
     if precision in (None, "fp32"):
         return precision
-    from ..encoders.base import device_type_without_torch
-
-    if device is None and device_type_without_torch(None) == "cpu":  # no GPU on this machine: told without torch
-        return None
     want = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     return precision if want.startswith("cuda") else None
 

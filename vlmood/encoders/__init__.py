@@ -38,6 +38,8 @@ def load_encoder(spec: str | EncoderSpec, device: str | torch.device | None = No
     if defer:
         from . import record
 
+        if device_type_without_torch(device) == "cpu":  # no GPU visible: the CPU, told without torch
+            device = "cpu"
         with warnings.catch_warnings():  # the precision's own warning comes once, from the encoder built below
             warnings.simplefilter("ignore")
             prec = resolve_precision(precision, device_type_without_torch(device) or resolve_device(device))

@@ -109,11 +109,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 def no_gpu_possible() -> bool:
     """Whether this machine shows no sign of a GPU, decided without importing torch: macOS (no CUDA builds), or Linux
-    without any device node of an NVIDIA (``/dev/nvidia*``), Tegra/Jetson (``/dev/nvhost*``, ``/dev/nvmap``,
-    ``/dev/nvgpu``), ROCm (``/dev/kfd``) or WSL (``/dev/dxg``) GPU. Anywhere else (Windows...) it cannot be told
-    without torch: False. Nodes may appear only when a first CUDA program starts (``nvidia-modprobe``), so a deferred
-    encoder that relied on this pins the CPU for its build rather than trusting it (see
-    :class:`~vlmood.encoders.deferred.DeferredEncoder`)."""
+    with neither a device node of an NVIDIA (``/dev/nvidia*``), Tegra/Jetson (``/dev/nvhost*``, ``/dev/nvmap``,
+    ``/dev/nvgpu``), ROCm (``/dev/kfd``) or WSL (``/dev/dxg``) GPU, nor an NVIDIA or AMD display device on the PCI bus
+    (``/sys/bus/pci/devices``: a GPU whose driver has not created its nodes yet). Anywhere else (Windows...) it
+    cannot be told without torch: False. Where this says True, vlmood's deferred loads use the CPU (see
+    :func:`device_type_without_torch`)."""
     if sys.platform == "darwin":
         return True
     if not sys.platform.startswith("linux"):
@@ -122,13 +122,42 @@ def no_gpu_possible() -> bool:
         nodes = os.listdir("/dev")
     except OSError:
         return False
-    return not any(n.startswith(("nvidia", "nvhost", "nvmap", "nvgpu")) or n in ("kfd", "dxg") for n in nodes)
+    if any(n.startswith(("nvidia", "nvhost", "nvmap", "nvgpu")) or n in ("kfd", "dxg") for n in nodes):
+        return False
+    return not _gpu_on_pci()
+
+
+_PCI_DEVICES = "/sys/bus/pci/devices"
+
+
+def _gpu_on_pci() -> bool:
+    """Whether the PCI bus lists an NVIDIA device (vendor 0x10de) or an AMD display controller (0x1002, class 0x03);
+    True when the bus cannot be read (nothing can be ruled out then)."""
+    root = _PCI_DEVICES
+    try:
+        devices = os.listdir(root)
+    except FileNotFoundError:
+        return False  # no PCI bus exposed (a container without /sys/bus/pci): the device nodes decided
+    except OSError:
+        return True
+    for d in devices:
+        try:
+            with open(os.path.join(root, d, "vendor")) as f:
+                vendor = f.read().strip().lower()
+            with open(os.path.join(root, d, "class")) as f:
+                cls = f.read().strip().lower()
+        except OSError:
+            return True
+        if vendor == "0x10de" or (vendor == "0x1002" and cls.startswith("0x03")):
+            return True
+    return False
 
 
 def device_type_without_torch(device: Any) -> str | None:
     """``"cpu"`` when ``device`` is to be the CPU and that can be told without importing torch: ``"cpu"`` itself, or
     None (the default) where this machine shows no sign of a GPU (:func:`no_gpu_possible`) and torch is not loaded
-    yet; else None (resolve it with torch)."""
+    yet; else None (resolve it with torch). Loads that rely on it (``load_encoder(..., defer=True)``, the CLI's
+    ``score --detector``) then load on the CPU, whatever torch would pick."""
     if isinstance(device, str) and device == "cpu":
         return "cpu"
     if device is None and "torch" not in sys.modules and no_gpu_possible():

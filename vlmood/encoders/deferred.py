@@ -111,6 +111,8 @@ class DeferredEncoder(Encoder):
         object.__setattr__(self, "_device_type", None)
         if self._real is not None:
             self._real.device = value
+        elif self._precision_arg is None:  # the default precision follows the device, as it will in the build
+            object.__setattr__(self, "precision", resolve_precision(None, resolve_device(value)))
 
     @property
     def device_name(self) -> str:
@@ -140,14 +142,14 @@ class DeferredEncoder(Encoder):
             # precision's warning was given when this proxy was made
             warnings.filterwarnings("ignore", message=r"(bf16|fp16) on CPU", category=UserWarning)
             real = load_encoder(self.spec, device=self._device_arg, precision=self._precision_arg)
-        if real.precision != self.precision:  # never: the build gets the device the precision was resolved for
-            raise EncoderLoadError(f"{self.spec} was built at {real.precision}, but this run keyed its caches for "
-                                   f"{self.precision}; pass --device/--precision (device=, precision=) explicitly")
         if real.fingerprint != self._fingerprint:
             _record.forget(self.spec)
             raise EncoderLoadError(
                 f"the weights of {self.spec} changed while this run used their record (recorded fingerprint "
                 f"{self._fingerprint}, now {real.fingerprint}); the record is removed: run again")
+        if real.precision != self.precision:  # not expected: the build gets the device the precision was resolved for
+            raise EncoderLoadError(f"{self.spec} was built at {real.precision}, but this run keyed its caches for "
+                                   f"{self.precision}; pass --device/--precision (device=, precision=) explicitly")
         real.image_batch_size, real.text_batch_size = self.image_batch_size, self.text_batch_size
         if self._tokenizer is not None:  # the registered tokenizer handed out (and perhaps changed) before the build
             real.tokenizer = self._tokenizer

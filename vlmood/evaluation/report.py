@@ -146,10 +146,13 @@ def _style_key() -> str:
     without importing matplotlib) and, when it is imported, the ``rcParams`` changed since it read them."""
     parts = []
     env = os.environ.get("MATPLOTLIBRC")
-    config = os.environ.get("MPLCONFIGDIR") or os.path.join(
-        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "matplotlib")
-    for path in ([env, os.path.join(env, "matplotlibrc")] if env else []) + [
-            "matplotlibrc", os.path.join(config, "matplotlibrc")]:
+    # every folder matplotlib may take as its config folder, on any system (reading one too many only redraws)
+    configs = [os.environ.get("MPLCONFIGDIR"),
+               os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "matplotlib"),
+               os.path.expanduser("~/.matplotlib"),
+               os.path.join(os.environ["LOCALAPPDATA"], "matplotlib") if os.environ.get("LOCALAPPDATA") else None]
+    for path in ([env, os.path.join(env, "matplotlibrc")] if env else []) + ["matplotlibrc"] + [
+            os.path.join(c, "matplotlibrc") for c in configs if c]:
         try:
             with open(path, "rb") as f:
                 parts.append(f"{path}\0".encode("utf-8", "surrogateescape") + f.read())
@@ -157,12 +160,13 @@ def _style_key() -> str:
             continue
     mpl = sys.modules.get("matplotlib")
     rc, orig = getattr(mpl, "rcParams", None), getattr(mpl, "rcParamsOrig", None)
+    changed: list[tuple[str, str]] = []  # the same (nothing) whether matplotlib is imported or not, when unchanged
     if isinstance(rc, dict) and isinstance(orig, dict):
         # dict's own methods: the stored values, without RcParams.__getitem__ (which resolves the backend, and may
         # import pyplot, for "backend")
         changed = sorted((k, repr(v)) for k, v in dict.items(rc)
                          if not k.startswith(_NOT_STYLE) and repr(dict.get(orig, k)) != repr(v))
-        parts.append(repr(changed).encode())
+    parts.append(repr(changed).encode())
     return repr([hashlib.sha256(x).hexdigest()[:16] for x in parts])
 
 
