@@ -672,3 +672,19 @@ def test_warm_calibrate_and_score_with_a_detector_file_import_no_torch(tmp_path)
     det = vlmood.load_detector(tmp_path / "a.vlmood", device="cpu")  # the numpy-written file, loaded in-process
     ref = vlmood.load_detector(tmp_path / "b.vlmood", device="cpu")
     assert np.array_equal(det.text_features.numpy(), ref.text_features.numpy())
+
+
+def test_a_bad_device_on_a_proxy_changes_nothing(ckpt, loads):
+    import torch
+
+    from vlmood.errors import InvalidInputError
+
+    load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    enc = load_encoder(spec_of(ckpt), device="cpu", defer=True)
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(InvalidInputError, match="CUDA is not available"):
+        enc.device = "cuda"
+    assert enc.device_name == "cpu" and str(enc.device) == "cpu" and enc.precision == "fp32" and not enc.loaded
+    enc.device = "cpu"
+    assert isinstance(enc.device, torch.device) and enc.materialize().device.type == "cpu"

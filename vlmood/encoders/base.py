@@ -146,7 +146,7 @@ def _gpu_on_pci() -> bool:
                 vendor = f.read().strip().lower()
             with open(os.path.join(root, d, "class")) as f:
                 cls = f.read().strip().lower()
-        except OSError:
+        except (OSError, ValueError):  # unreadable, or not text: nothing can be ruled out
             return True
         if vendor == "0x10de" or (vendor == "0x1002" and cls.startswith("0x03")):
             return True

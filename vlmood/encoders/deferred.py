@@ -106,13 +106,15 @@ class DeferredEncoder(Encoder):
 
     @device.setter
     def device(self, value: Any) -> None:
-        object.__setattr__(self, "_device", value)
-        object.__setattr__(self, "_device_arg", value)  # what the real encoder will be built with
-        object.__setattr__(self, "_device_type", None)
         if self._real is not None:
             self._real.device = value
-        elif self._precision_arg is None:  # the default precision follows the device, as it will in the build
-            object.__setattr__(self, "precision", resolve_precision(None, resolve_device(value)))
+            return
+        dev = resolve_device(value)  # checked before anything is changed: a bad device leaves the proxy as it was
+        object.__setattr__(self, "_device", dev)
+        object.__setattr__(self, "_device_arg", value)  # what the real encoder will be built with
+        object.__setattr__(self, "_device_type", None)
+        if self._precision_arg is None:  # the default precision follows the device, as it will in the build
+            object.__setattr__(self, "precision", resolve_precision(None, dev))
 
     @property
     def device_name(self) -> str:
