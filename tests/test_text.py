@@ -236,3 +236,32 @@ def test_printable_never_raises_on_lone_surrogates():
     assert printable("plain café") == "plain café"
     for s in ("a\ud800b", "x\udce9\udfff"):
         printable(s).encode("utf-8")
+
+
+def test_a_large_text_side_keeps_its_ensemble_and_never_serves_it_to_other_prompts(tiny, tmp_path, monkeypatch):
+    """Lexicon-sized text sides cache their class ensemble whole: a warm call reads C rows, not C x T prompts, and
+    gets the same bits; another class order, class list or template set has another key."""
+    import numpy as np
+
+    from vlmood.text import embed
+
+    monkeypatch.setattr(embed, "ENSEMBLE_CACHE_MIN", 4)
+    cache = EmbeddingCache(tmp_path / "c")
+    words, tmpl = ["cat", "dog", "bird"], ["a photo of a {}.", "a {}."]
+    first = embed.class_embedding_array(tiny, words, tmpl, cache=cache)
+    ref = F.normalize(embed_texts(tiny, class_prompts(words, tmpl)).view(3, 2, -1).mean(1), dim=-1)
+    np.testing.assert_allclose(first, ref.numpy(), rtol=0, atol=1e-6)
+    real = embed._embed_array
+    calls = []
+    monkeypatch.setattr(embed, "_embed_array", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    again = embed.class_embedding_array(tiny, words, tmpl, cache=cache)
+    assert calls == [] and np.array_equal(again, first)  # the ensemble, read whole
+    swapped = embed.class_embedding_array(tiny, ["dog", "cat", "bird"], tmpl, cache=cache)
+    assert len(calls) == 1 and np.array_equal(swapped, first[[1, 0, 2]])
+    other = embed.class_embedding_array(tiny, words, tmpl[:1] + ["{}"], cache=cache)
+    assert len(calls) == 2 and not np.array_equal(other, first)
+    small = embed.class_embedding_array(tiny, words[:1], tmpl, cache=cache)  # 2 prompts: below the threshold
+    assert len(calls) == 3 and np.array_equal(small, first[:1])
+    assert embed.class_embedding_array(tiny, words[:1], tmpl, cache=cache).shape == (1, first.shape[1])
+    assert len(calls) == 4  # never kept for small text sides
+    assert np.array_equal(embed.class_embedding_array(tiny, words, tmpl, cache=False), first)  # same rule, no cache

@@ -247,7 +247,34 @@ def class_embedding_array(
     names = load_classes(classes) if check else list(classes)
     tmpl = load_templates(templates)
     label = what if len(tmpl) == 1 else f"prompts ({len(names):,} {what} x {len(tmpl)} templates)"
-    emb = _embed_array(encoder, class_prompts(names, tmpl), batch_size, cache, progress, what=label)
+    prompts = class_prompts(names, tmpl)
+    store = _resolve_cache(cache) if len(prompts) >= ENSEMBLE_CACHE_MIN else None
+    if store is not None:  # a large text side (a lexicon): its ensemble is cached whole, read as C rows
+        ns, rows = _ensemble_namespace(encoder, prompts, len(names)), [str(i) for i in range(len(names))]
+        hit = store.get_arrays(ns, rows)
+        if len(hit) == len(names):
+            return np.stack([hit[i] for i in range(len(names))])
+    emb = _embed_array(encoder, prompts, batch_size, cache, progress, what=label)
     mean = emb.reshape(len(names), len(tmpl), -1).astype(np.float64).mean(axis=1)
     norm = np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
-    return (mean / norm).astype(np.float32)
+    out = (mean / norm).astype(np.float32)
+    if store is not None:
+        store.put(ns, rows, torch.from_numpy(out), encoder_record(encoder))  # best effort: None if not writable
+    return out
+
+
+ENSEMBLE_CACHE_MIN = 10_000
+"""Text sides of at least this many prompts (lexicons: NegLabel's ~210k, CSP's ~420k) keep their class ensemble in the
+text cache as well, so that a warm run reads ``C`` rows instead of ``C x T`` prompt embeddings."""
+
+
+def _ensemble_namespace(encoder: "Encoder", prompts: Sequence[str], n_classes: int) -> str:
+    """The cache namespace of the ensemble of exactly these prompts (class-major, ``n_classes`` classes) on
+    ``encoder``: its text namespace, the ensemble rule's version and a hash of every prompt (length-prefixed)."""
+    import hashlib
+
+    h = hashlib.sha256(f"ensemble-v1|{n_classes}|{len(prompts)}|".encode())
+    for t in prompts:
+        b = t.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little") + b)
+    return f"{cache_namespace(encoder)}|ensemble|{h.hexdigest()}"
