@@ -353,7 +353,9 @@ def test_files_that_are_not_detector_files(world, tmp_path):
         vlmood.load_detector(tmp_path / "missing.vlmood")
     with pytest.raises(InvalidInputError, match=r"is a folder, not a file"):
         read_detector_meta(tmp_path)
-    (tmp_path / "noise.vlmood").write_bytes(os.urandom(64) + b"\x00")
+    # noise that starts like neither a JSON text (the old NegLabel files: "{" or "[") nor a safetensors header
+    # ("{" after the 8-byte length): random bytes alone did, about once in a hundred runs
+    (tmp_path / "noise.vlmood").write_bytes(b"\x01" + os.urandom(7) + b"\x00" + os.urandom(55) + b"\x00")
     with pytest.raises(InvalidInputError, match=r"noise\.vlmood is not a vlmood detector file \(not a safetensors"):
         vlmood.load_detector(tmp_path / "noise.vlmood")
     prompts = world["prompts"].save(tmp_path / "p.safetensors")
